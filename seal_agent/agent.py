@@ -1,0 +1,121 @@
+"""SealAgent: the one object the CLI (and later the daemon) talks to.
+
+It owns the state database, the adapter log, the active policy and the live
+model (loaded lazily: `history` needs no model).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .adapter_log import AdapterLog
+from .config import Config
+from .documents import SUPPORTED
+from .errors import SealError
+from .learner import DocumentReport, Learner, Progress, _noop
+from .model.live import LiveModel
+from .model.loader import compute_dtype
+from .policy import Policy, load_active_policy
+from .qa import answer
+from .state import State
+
+# Nothing is ever fetched from a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PACKAGED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+
+def policy_dir(cfg: Config) -> Path:
+    configured = cfg.policy_dir
+    if configured.is_dir() or cfg.policy.dir != "policies":
+        return configured
+    return PACKAGED_POLICIES  # running outside the project dir: use the shipped policies
+
+
+class SealAgent:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        # Validate the policy before anything slow or stateful happens.
+        self.policy: Policy = load_active_policy(policy_dir(cfg), cfg.policy.active)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state = State(cfg.state_path("database"))
+        self.log = AdapterLog(cfg.state_path("adapters") / "knowledge")
+        self._live: LiveModel | None = None
+
+    def close(self) -> None:
+        self.state.close()
+
+    @property
+    def live(self) -> LiveModel:
+        if self._live is None:
+            self._live = LiveModel(self.cfg, self.state, self.log)
+        self._live.ensure_loaded()
+        return self._live
+
+    # -- verbs -----------------------------------------------------------
+    def learn(self, path: Path, progress: Progress = _noop) -> DocumentReport:
+        return Learner(self.cfg, self.state, self.live, self.policy).learn_file(path, progress)
+
+    def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
+        live = self.live
+        [text] = answer(
+            live.model, live.tokenizer, [question], [""], self.cfg.qa,
+            use_chat=self.cfg.model.use_chat_template, compute_dtype=compute_dtype(self.cfg),
+            max_new_tokens=max_new_tokens,
+        )
+        return {"question": question, "answer": text, "version": live.version}
+
+    def history(self) -> list[dict[str, Any]]:
+        live = self.state.live_version()
+        out = []
+        for row in self.state.versions():
+            doc = self.state.document(row.document_id) if row.document_id is not None else None
+            stats = row.stats
+            out.append({
+                "version": row.version,
+                "parent": row.parent,
+                "live": row.version == live,
+                "created_at": row.created_at,
+                "documents": [doc["path"]] if doc else [],
+                "title": doc["title"] if doc else stats.get("base"),
+                "passages": row.passage_hashes,
+                "final_loss": (stats.get("stats") or {}).get("final_loss"),
+                "train_seconds": (stats.get("stats") or {}).get("seconds"),
+                "qa": stats.get("qa"),
+                "policy": stats.get("policy"),
+            })
+        return out
+
+    def rollback(self, version: int) -> dict[str, Any]:
+        """Make `version` live again, rebuilt and checked against its recorded fingerprints."""
+        if self.state.version(version) is None:
+            raise SealError(f"no version {version} (see `seal-agent history`)")
+        live = self._live or LiveModel(self.cfg, self.state, self.log)
+        self._live = live
+        previous = self.state.live_version()
+        checks = live.load(version, verify=True)
+        if not checks["weights"]:
+            live.load(previous)
+            raise SealError(
+                f"version {version} rebuilt with different weights than recorded; "
+                f"the live version stays {previous}"
+            )
+        with self.state.transaction() as c:
+            self.state.set_meta("live_version", str(version), conn=c)
+            self.state.event("rollback", f"live version {previous} -> {version}", version=version,
+                             conn=c, data={"from": previous, "to": version, "verified": checks})
+        return {"from": previous, "version": version, "verified": checks}
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Files as given; a directory stands for its supported files (sorted, not recursive)."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUPPORTED))
+        else:
+            out.append(p)
+    return out

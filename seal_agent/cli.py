@@ -1,0 +1,290 @@
+"""`seal-agent`: a thin click layer over SealAgent. Each subcommand is one verb.
+
+Global options (--config, --state-dir, --set, -v) work before or after the
+subcommand. `--json` prints one JSON object per line. User mistakes end in a
+one-line error (exit 1 or 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import Config, load_config
+from .errors import SealError
+
+err = Console(stderr=True)
+out = Console()
+
+
+# -- global options ------------------------------------------------------
+
+def _remember(name: str):
+    def callback(ctx: click.Context, _param, value):
+        if value not in (None, ()):
+            store = ctx.find_root().meta.setdefault("seal_globals", {})
+            if name == "overrides":
+                store[name] = tuple(store.get(name, ())) + tuple(value)
+            elif name == "verbose":
+                store[name] = store.get(name, 0) + value
+            else:
+                store[name] = value
+        return value
+    return callback
+
+
+def global_options(f: Callable) -> Callable:
+    """--config/--state-dir/--set/-v, accepted on the group and on every subcommand."""
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     expose_value=False, callback=_remember("config_path"),
+                     help="Config file (default: ./config.toml)."),
+        click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), expose_value=False,
+                     callback=_remember("state_dir"),
+                     help="State directory (database, adapters, models); overrides paths.state_dir."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", expose_value=False,
+                     callback=_remember("overrides"),
+                     help="Override a config value by dotted path, e.g. --set train.epochs=5 (repeatable)."),
+        click.option("-v", "--verbose", count=True, expose_value=False, callback=_remember("verbose"),
+                     help="More log output (-v info, -vv debug)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _config(ctx: click.Context) -> Config:
+    g = ctx.find_root().meta.get("seal_globals", {})
+    level = {0: logging.WARNING, 1: logging.INFO}.get(g.get("verbose", 0), logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(level)
+    return load_config(g.get("config_path"), g.get("overrides", ()), g.get("state_dir"))
+
+
+def _quiet_libraries(level: int) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if level > logging.INFO:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+def _agent(ctx: click.Context):
+    from .agent import SealAgent
+
+    agent = SealAgent(_config(ctx))
+    ctx.call_on_close(agent.close)
+    return agent
+
+
+def handle_errors(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except SealError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False)
+            sys.exit(1)
+    return wrapper
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+# -- the group -----------------------------------------------------------
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@global_options
+def main() -> None:
+    """seal-agent: a continual-learning LLM daemon (SEAL).
+
+    Learns documents into the model's weights by writing its own training data
+    (self-edits), keeps every update in a reversible adapter log, and answers
+    questions with the continually updated model.
+    """
+
+
+# -- learn ---------------------------------------------------------------
+
+class _LearnProgress:
+    """Renders learner progress events as a rich progress bar on stderr."""
+
+    def __init__(self, progress: Progress):
+        self.p = progress
+        self.doc_task = None
+        self.step_task = None
+
+    def __call__(self, stage: str, info: dict[str, Any]) -> None:
+        p = self.p
+        if stage == "document":
+            self.doc_task = p.add_task(f"{info['title'][:40]}", total=info["passages"])
+        elif stage == "passage":
+            p.update(self.doc_task, description=f"passage {info['index'] + 1}/{info['total']}")
+        elif stage in ("self-edit", "qa-before", "qa-after"):
+            p.update(self.doc_task, description=f"passage {info['index'] + 1}: {stage}")
+        elif stage == "train":
+            p.update(self.doc_task, description=f"passage {info['index'] + 1}: training on {info['examples']} sequences")
+            self.step_task = p.add_task("  inner loop", total=None)
+        elif stage == "step":
+            p.update(self.step_task, total=info["total"], completed=info["step"],
+                     description=f"  inner loop, loss {info['loss']:.3f}")
+        elif stage in ("learned", "duplicate", "failed"):
+            if self.step_task is not None:
+                p.remove_task(self.step_task)
+                self.step_task = None
+            p.advance(self.doc_task)
+
+
+def _print_learn(report: dict[str, Any]) -> None:
+    qa = report.get("qa")
+    parts = [
+        f"[bold]{report['document']}[/bold] ({report['title']}): "
+        f"{report['learned']} learned, {report['duplicates']} already known, {report['failed']} failed "
+        f"of {report['passages']} passage(s); live version {report['version']}",
+        f"  self-edits: {report['self_edit']['items']} items, {report['self_edit']['chars']} chars; "
+        f"training {report['train_seconds']:.1f}s; total {report['seconds']:.1f}s",
+    ]
+    if qa:
+        after = "n/a" if qa["after"] is None else f"{qa['after']:.1%}"
+        parts.append(f"  questions ({qa['n']}, no passage in context): before {qa['before']:.1%} -> after {after}")
+    for p in report["passage_reports"]:
+        if p["status"] == "duplicate":
+            parts.append(f"  passage {p['index'] + 1}: already learned in version {p['duplicate_of']} (skipped)")
+        elif p["status"] == "failed":
+            parts.append(f"  passage {p['index'] + 1}: [red]failed[/red]: {p['error']}")
+    out.print("\n".join(parts), highlight=False)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per document.")
+@global_options
+@click.pass_context
+@handle_errors
+def learn(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Learn documents into the model's weights.
+
+    Each PATH is a .txt, .md, .html, .pdf or SQuAD-style .json/.jsonl file, or
+    a directory of them. Every passage gets a self-edit and a LoRA update that
+    is merged into the live model as a new version. Files with questions also
+    report accuracy on them before and after.
+    """
+    from .agent import expand_paths
+
+    agent = _agent(ctx)
+    files = expand_paths(list(paths))
+    if not files:
+        raise SealError("no supported documents found in " + ", ".join(map(str, paths)))
+    failures = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as progress:
+        for path in files:
+            try:
+                report = agent.learn(path, _LearnProgress(progress)).as_dict()
+            except SealError as e:
+                failures += 1
+                if as_json:
+                    emit_json({"document": str(path), "status": "error", "error": str(e)})
+                else:
+                    err.print(f"[red]error:[/red] {e}", highlight=False)
+                continue
+            failures += report["status"] == "failed"
+            if as_json:
+                emit_json(report)
+            else:
+                _print_learn(report)
+    if failures:
+        sys.exit(1)
+
+
+# -- ask -----------------------------------------------------------------
+
+@main.command()
+@click.argument("question")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=None, help="Longest answer in tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print {question, answer, version} as JSON.")
+@global_options
+@click.pass_context
+@handle_errors
+def ask(ctx: click.Context, question: str, max_tokens: int | None, as_json: bool) -> None:
+    """Ask the live model a question (no documents in context: only what it has learned)."""
+    if not question.strip():
+        raise SealError("the question is empty")
+    result = _agent(ctx).ask(question, max_tokens)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(result["answer"], highlight=False)
+        err.print(f"[dim](version {result['version']})[/dim]")
+
+
+# -- history -------------------------------------------------------------
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@global_options
+@click.pass_context
+@handle_errors
+def history(ctx: click.Context, as_json: bool) -> None:
+    """List the versions of the live model: which document, when, training stats."""
+    rows = _agent(ctx).history()
+    if as_json:
+        for row in rows:
+            emit_json(row)
+        return
+    table = Table(title="model versions")
+    for col in ("version", "parent", "live", "created", "document", "loss", "train s", "QA before→after"):
+        table.add_column(col)
+    for r in rows:
+        qa = r["qa"]
+        qa_text = f"{qa['before']:.0%}→{qa['after']:.0%} (n={qa['n']})" if qa and qa.get("after") is not None else ""
+        table.add_row(
+            str(r["version"]), "" if r["parent"] is None else str(r["parent"]), "●" if r["live"] else "",
+            r["created_at"], Path(r["documents"][0]).name if r["documents"] else f"base: {r['title']}",
+            "" if r["final_loss"] is None else f"{r['final_loss']:.3f}",
+            "" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", qa_text,
+        )
+    out.print(table)
+
+
+# -- rollback ------------------------------------------------------------
+
+@main.command()
+@click.argument("version", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@global_options
+@click.pass_context
+@handle_errors
+def rollback(ctx: click.Context, version: int, as_json: bool) -> None:
+    """Make VERSION the live model again, exactly (checked against its recorded fingerprints).
+
+    Later versions stay in the log; learning continues from VERSION.
+    """
+    result = _agent(ctx).rollback(version)
+    if as_json:
+        emit_json(result)
+        return
+    v = result["verified"]
+    out.print(
+        f"live version {result['from']} -> {result['version']} "
+        f"(weights {'identical' if v['weights'] else 'DIFFER'}, probe logits {'identical' if v['logits'] else 'differ'})",
+        highlight=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

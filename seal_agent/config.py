@@ -1,0 +1,274 @@
+"""Typed configuration: dataclasses with defaults, loaded from config.toml.
+
+Every knob has a default here; config.toml (commented) mirrors them. A value
+can be overridden on the command line with `--set section.key=value`, where the
+value is parsed as TOML (`--set train.epochs=5`, `--set lora.target_modules=["q_proj"]`)
+and falls back to a plain string. Unknown keys and wrong types are errors that
+name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class PathsConfig:
+    # Root of all runtime state. Relative: to the directory of config.toml.
+    state_dir: str = "."
+    # The rest are relative to state_dir.
+    adapters: str = "adapters"
+    database: str = "state/seal.db"
+    models: str = "state/models"
+    logs: str = "state/logs"
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m-instruct" (embedded GGUF, converted once) or a local HF model directory.
+    base: str = "smollm2-135m-instruct"
+    device: str = "cpu"
+    # Dtype of the live weights. float32 keeps merged LoRA deltas exact; bf16
+    # weights would round small deltas away.
+    dtype: str = "float32"
+    # Dtype matmuls run in during training and generation: "auto" = bfloat16
+    # where the CPU has native bf16 support, else float32.
+    compute_dtype: str = "auto"
+    # Torch intra-op threads; 0 = torch's default (one per core).
+    threads: int = 0
+    # Wrap prompts in the tokenizer's chat template when it has one.
+    use_chat_template: bool = True
+    seed: int = 0
+
+
+@dataclass
+class PolicyConfig:
+    # Self-edit policy: a file policies/<active>.toml.
+    active: str = "implications"
+    # Directory of policy files. Relative: to the directory of config.toml.
+    dir: str = "policies"
+
+
+@dataclass
+class SplitConfig:
+    # Longest passage in tokens; longer text is split at paragraphs, then sentences.
+    max_tokens: int = 400
+    # Passages shorter than this (tokens) are merged into a neighbour.
+    min_tokens: int = 32
+
+
+@dataclass
+class LoraConfig:
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.0
+    # peft's default for Llama/Qwen is q_proj, v_proj (what the paper used).
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 1
+    # Sequences are truncated to this many tokens.
+    max_length: int = 2048
+    # "all": loss on every token of a training sequence (the paper's recipe);
+    # "completion": only on the tokens after the title line.
+    loss_on: str = "all"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # Linear warm-up steps then constant learning rate.
+    warmup_steps: int = 0
+    seed: int = 0
+
+
+@dataclass
+class QAConfig:
+    # How questions are put to the model (no passage in context). {title} is
+    # the passage's title, {question} the question.
+    system: str = "Answer the question directly and concisely."
+    question_template: str = "Topic: {title}\n{question}"
+    # For models without a chat template (the SEAL reference's prompt).
+    base_template: str = "Let's answer a question directly and concisely.\nQuestion: {question}\nAnswer:\n"
+    # How an answer is graded offline: "contains" (normalized gold in the
+    # answer), "exact" (normalized exact match) or "f1" (token F1 >= f1_threshold).
+    grader: str = "contains"
+    f1_threshold: float = 0.5
+    max_new_tokens: int = 64
+    # Questions answered per batched generate call.
+    batch_size: int = 8
+
+
+@dataclass
+class JudgeConfig:
+    # Optional LLM judge through any OpenAI-compatible endpoint. Empty base_url = off.
+    base_url: str = ""
+    model: str = "gpt-4.1"
+    # Name of the environment variable holding the API key.
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+
+
+@dataclass
+class AdapterLogConfig:
+    # Save a consolidated snapshot of the merged weights every N versions so a
+    # start-up merges at most N-1 deltas.
+    snapshot_every: int = 10
+    # Keep this many most recent snapshots (the base conversion is always kept).
+    keep_snapshots: int = 3
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    adapter_log: AdapterLogConfig = field(default_factory=AdapterLogConfig)
+    # Directory that relative paths in the config are resolved against.
+    root: Path = field(default_factory=Path.cwd, repr=False)
+
+    # -- resolved paths -------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return _resolve(self.root, self.paths.state_dir)
+
+    def state_path(self, name: str) -> Path:
+        return _resolve(self.state_dir, getattr(self.paths, name))
+
+    @property
+    def policy_dir(self) -> Path:
+        return _resolve(self.root, self.policy.dir)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.compute_dtype": ("auto", "float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16"),
+    "train.loss_on": ("all", "completion"),
+    "qa.grader": ("contains", "exact", "f1"),
+}
+
+
+def _resolve(base: Path, p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "root"}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type")  # pragma: no cover
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config key '{key}' must be section.name (e.g. train.epochs)")
+    section_name, name = parts
+    sections = _sections()
+    if section_name not in sections:
+        raise ConfigError(
+            f"unknown config section '{section_name}' (known: {', '.join(sections)})"
+        )
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise ConfigError(
+            f"unknown config key '{key}' (known in [{section_name}]: {', '.join(hints)})"
+        )
+    value = _check_type(key, value, hints[name])
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"config key '{key}' must be one of {_CHOICES[key]}, got {value!r}")
+    setattr(section, name, value)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as --set model.base=/models/qwen
+    return key, value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    state_dir: str | Path | None = None,
+) -> Config:
+    """Load config.toml (if it exists), apply `--set` overrides and `--state-dir`.
+
+    A missing default config is fine (all defaults); a missing explicit one is an error.
+    """
+    explicit = path is not None
+    path = Path(path) if path is not None else Path("config.toml")
+    cfg = Config(root=path.resolve().parent)
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for section_name, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: top-level key '{section_name}' must be a [section]")
+            for name, value in values.items():
+                try:
+                    _set(cfg, f"{section_name}.{name}", value)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {e}") from None
+    elif explicit:
+        raise ConfigError(f"config file {path} does not exist")
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set(cfg, key, value)
+    if state_dir is not None:
+        cfg.paths.state_dir = str(Path(state_dir).resolve())
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A section (or the whole config) as plain data, for manifests and --json."""
+    d = dataclasses.asdict(cfg)
+    d.pop("root", None)
+    return d

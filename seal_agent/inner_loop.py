@@ -1,0 +1,180 @@
+"""The inner loop: a short LoRA finetune on a self-edit's training sequences.
+
+Written as a plain PyTorch loop rather than `transformers.Trainer` because the
+update is tiny and latency is what matters: sequences are tokenized once, never
+padded at batch size 1, and matmuls run in bf16 autocast where the CPU has it
+(the LoRA weights and optimizer state stay fp32). The recipe is the paper's
+(AdamW, linear decay, grad-norm clip 1.0) with every knob in `TrainConfig`.
+
+A NaN or inf loss raises `TrainingDiverged`; the caller discards the adapter,
+so the live weights are never touched by a diverged update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import get_linear_schedule_with_warmup
+
+from .config import LoraConfig, TrainConfig
+from .errors import TrainingDiverged
+from .model.generation import autocast
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: `prompt` is context, `completion` is what is learned.
+    With loss_on = "all" the loss covers both."""
+
+    prompt: str
+    completion: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    tokens: int = 0  # tokens processed (all epochs)
+    seconds: float = 0.0
+    epoch_losses: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.epoch_losses[-1] if self.epoch_losses else None
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "epoch_losses": [round(x, 5) for x in self.epoch_losses],
+            "final_loss": None if self.final_loss is None else round(self.final_loss, 5),
+        }
+
+
+def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+
+
+def attach_lora(model, cfg: LoraConfig, seed: int = 0) -> PeftModel:
+    """Wrap `model` with a fresh LoRA adapter (in place; `unload()` undoes it exactly)."""
+    torch.manual_seed(seed)
+    return get_peft_model(model, peft_config(cfg))
+
+
+def tokenize(tokenizer, examples: list[Example], max_length: int, loss_on: str, append_eos: bool = False):
+    """Each example -> (input_ids, labels) 1-D tensors; labels are -100 where no loss is taken."""
+    out = []
+    for ex in examples:
+        ids = tokenizer(ex.text, add_special_tokens=True)["input_ids"]
+        if append_eos and tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        ids = ids[:max_length]
+        labels = list(ids)
+        if loss_on == "completion" and ex.prompt:
+            n_prompt = len(tokenizer(ex.prompt, add_special_tokens=True)["input_ids"])
+            labels[: min(n_prompt, len(labels))] = [-100] * min(n_prompt, len(labels))
+        if len(ids) < 2 or all(x == -100 for x in labels[1:]):
+            continue  # nothing to learn from
+        out.append((torch.tensor(ids), torch.tensor(labels)))
+    return out
+
+
+def _batches(data, batch_size: int, generator: torch.Generator, pad_id: int):
+    order = torch.randperm(len(data), generator=generator).tolist()
+    for start in range(0, len(order), batch_size):
+        chunk = [data[i] for i in order[start : start + batch_size]]
+        if len(chunk) == 1:
+            ids, labels = chunk[0]
+            yield ids[None], labels[None], None
+            continue
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id)
+        labels = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (i, l) in enumerate(chunk):
+            ids[row, : len(i)] = i
+            labels[row, : len(l)] = l
+            mask[row, : len(i)] = 1
+        yield ids, labels, mask
+
+
+def train(
+    model: PeftModel,
+    tokenizer,
+    examples: list[Example],
+    cfg: TrainConfig,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    append_eos: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainStats:
+    """Train the adapter attached to `model` on `examples`. Returns statistics."""
+    data = tokenize(tokenizer, examples, cfg.max_length, cfg.loss_on, append_eos)
+    stats = TrainStats()
+    if not data or cfg.epochs <= 0:
+        return stats
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.train()
+    start = time.perf_counter()
+    try:
+        for _epoch in range(cfg.epochs):
+            epoch_loss, epoch_n = 0.0, 0
+            for ids, labels, mask in _batches(data, cfg.batch_size, generator, pad_id):
+                ids, labels = ids.to(device), labels.to(device)
+                with autocast(compute_dtype, device.type):
+                    out = model(
+                        input_ids=ids,
+                        attention_mask=None if mask is None else mask.to(device),
+                        labels=labels,
+                        use_cache=False,
+                    )
+                loss = out.loss
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"training loss became {loss.item()} at step {stats.steps + 1}; "
+                        "the update was abandoned (try a lower train.lr)"
+                    )
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats.steps += 1
+                stats.tokens += int(ids.numel() if mask is None else mask.sum())
+                epoch_loss += loss.item()
+                epoch_n += 1
+                if on_step:
+                    on_step(stats.steps, total, loss.item())
+            stats.epoch_losses.append(epoch_loss / max(epoch_n, 1))
+        # The last optimizer step can blow the weights up after the last loss was seen.
+        if not all(torch.isfinite(p).all() for p in params):
+            raise TrainingDiverged("the adapter weights became NaN/inf; the update was abandoned (try a lower train.lr)")
+    finally:
+        model.eval()
+        stats.seconds = time.perf_counter() - start
+    return stats

@@ -1,0 +1,1 @@
+"""Model loading, generation and the live (continually updated) model."""

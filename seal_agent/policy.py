@@ -1,0 +1,275 @@
+"""Self-edit policies: how to ask for a self-edit and how to turn it into training data.
+
+A policy is a TOML file in policies/ (see policies/README.md for the fields).
+Loading validates every field and names the file and the field on error, so a
+malformed policy stops the program at start-up, not halfway through learning.
+Parsing a completion is pure string logic (no model), following the SEAL
+reference: split on the separator, then on lines; drop a chatty preamble line;
+keep numbered question-answer items whole; prefix each item with the title;
+always add the raw passage as one more sequence.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import PolicyError
+from .inner_loop import Example
+from .model.generation import Sampling, has_chat_template, render_prompt
+
+PARSE_MODES = ("lines", "segments", "qa")
+_LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•]|\(\w\))\s+")
+_PLACEHOLDERS = {"title", "passage"}
+
+
+@dataclass(frozen=True)
+class ParseRules:
+    mode: str = "lines"  # lines | segments | qa
+    separator: str = "---"
+    drop_preamble: bool = True
+    # qa mode: regex that starts a new question item.
+    qa_item_start: str = r"(?:\d+[.)]\s*)?(?:\*\*)?(?:Question|Q)\s*\d*\s*[:.]"
+    sequence_template: str = "{title}\n{item}"
+    min_item_chars: int = 3
+    max_items: int = 200
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str
+    chat_system: str
+    chat_user: str
+    base_prompt: str
+    # What the base prompt already said of the answer (the base self-qa prompt
+    # ends in "Question 1: "); put back in front of a base-model completion.
+    base_completion_prefix: str
+    sampling: Sampling
+    parse: ParseRules
+    path: Path | None = None
+
+    def prompt(self, tokenizer, title: str, passage: str, use_chat: bool = True) -> str:
+        fields = {"title": title, "passage": passage}
+        return render_prompt(
+            tokenizer,
+            system=self.chat_system.format(**fields) if self.chat_system else None,
+            user=self.chat_user.format(**fields),
+            base=self.base_prompt.format(**fields),
+            use_chat=use_chat,
+        )
+
+    def completion_text(self, tokenizer, completion: str, use_chat: bool = True) -> str:
+        """The self-edit as the model meant it: a base-model completion gets back
+        the words its prompt ended with."""
+        if self.base_completion_prefix and not (use_chat and has_chat_template(tokenizer)):
+            return self.base_completion_prefix + completion.lstrip()
+        return completion
+
+    def items(self, completion: str) -> list[str]:
+        """The self-edit's items (without title, without the passage)."""
+        return split_items(completion, self.parse)
+
+    def examples(self, completion: str, title: str, passage: str) -> list[Example]:
+        """Training sequences: each item under the title, then the passage itself.
+        The part of the template before {item} is the example's prompt."""
+        before, after = self.parse.sequence_template.split("{item}", 1)
+        prompt, suffix = before.format(title=title), after.format(title=title)
+        items = self.items(completion) + [passage.strip()]
+        return [Example(prompt, item + suffix) for item in items]
+
+
+def split_items(completion: str, rules: ParseRules) -> list[str]:
+    text = completion.strip()
+    if not text:
+        return []
+    if rules.mode == "qa" and re.search(rules.qa_item_start, text):
+        items = _split_qa(text, rules.qa_item_start)
+    else:
+        segments = [s.strip() for s in text.split(rules.separator)] if rules.separator else [text]
+        segments = [s for s in segments if s]
+        if rules.mode == "segments":
+            items = segments
+        else:
+            items = [ln.strip() for seg in segments for ln in seg.splitlines() if ln.strip()]
+        if rules.drop_preamble:
+            items = _drop_preamble(items)
+    items = [it for it in items if len(_strip_markup(it)) >= rules.min_item_chars]
+    return items[: rules.max_items]
+
+
+def _split_qa(text: str, item_start: str) -> list[str]:
+    """Keep each numbered question with its answer as one item."""
+    starts = [m.start() for m in re.finditer(rf"(?m)^\s*{item_start}", text)]
+    if not starts:
+        return [text]
+    items = []
+    if text[: starts[0]].strip() and not _is_preamble(text[: starts[0]].strip()):
+        items.append(text[: starts[0]].strip())
+    for a, b in zip(starts, starts[1:] + [len(text)]):
+        item = text[a:b].strip()
+        if item:
+            items.append(item)
+    return items
+
+
+def _strip_markup(line: str) -> str:
+    return line.strip().strip("*#_ ").strip()
+
+
+def _is_preamble(line: str) -> bool:
+    """A chatty or header line such as 'Sure, here are the implications:' or '**Implications:**'."""
+    plain = _strip_markup(line)
+    return plain.endswith(":") or plain.lower().startswith(("sure", "here are", "here is", "certainly"))
+
+
+def _drop_preamble(items: list[str]) -> list[str]:
+    """Drop one leading line that introduces the list rather than being part of it."""
+    if len(items) > 1 and not _LIST_ITEM.match(items[0]) and (
+        _LIST_ITEM.match(items[1]) or _is_preamble(items[0])
+    ):
+        return items[1:]
+    if len(items) == 1 and _is_preamble(items[0]) and _strip_markup(items[0]).endswith(":"):
+        return []
+    return items
+
+
+# -- loading -------------------------------------------------------------
+
+
+def _field(data: dict, key: str, kind: type, path: Path, default: Any = ...) -> Any:
+    section, _, name = key.rpartition(".")
+    table = data
+    for part in section.split(".") if section else []:
+        table = table.get(part, {})
+        if not isinstance(table, dict):
+            raise PolicyError(f"{path}: [{part}] must be a table")
+    if name not in table:
+        if default is ...:
+            raise PolicyError(f"{path}: missing field '{key}'")
+        return default
+    value = table[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PolicyError(f"{path}: field '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+_KNOWN = {
+    "": {"name", "description", "chat", "base", "sampling", "parse"},
+    "chat": {"system", "user"},
+    "base": {"prompt", "completion_prefix"},
+    "sampling": {"temperature", "top_p", "max_new_tokens"},
+    "parse": {
+        "mode", "separator", "drop_preamble", "qa_item_start",
+        "sequence_template", "min_item_chars", "max_items",
+    },
+}
+
+
+def _check_template(path: Path, key: str, template: str, required: set[str]) -> None:
+    try:
+        names = {
+            name for _, name, _, _ in string.Formatter().parse(template) if name is not None
+        }
+    except ValueError as e:
+        raise PolicyError(f"{path}: field '{key}' is not a valid template: {e}") from None
+    unknown = names - required - _PLACEHOLDERS
+    if unknown:
+        raise PolicyError(
+            f"{path}: field '{key}' uses unknown placeholder(s) {sorted(unknown)}; "
+            f"allowed: {sorted(required | _PLACEHOLDERS)}"
+        )
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PolicyError(f"policy file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{path}: not valid TOML: {e}") from None
+    for section, known in _KNOWN.items():
+        table = data if not section else data.get(section, {})
+        if not isinstance(table, dict):
+            raise PolicyError(f"{path}: [{section}] must be a table")
+        for key in table:
+            if key not in known:
+                where = f"[{section}]" if section else "the top level"
+                raise PolicyError(f"{path}: unknown field '{key}' in {where}")
+
+    chat_system = _field(data, "chat.system", str, path, "")
+    chat_user = _field(data, "chat.user", str, path)
+    base_prompt = _field(data, "base.prompt", str, path)
+    for key, template in (("chat.system", chat_system), ("chat.user", chat_user), ("base.prompt", base_prompt)):
+        _check_template(path, key, template, set())
+    if "{passage}" not in chat_user and "{passage}" not in chat_system:
+        raise PolicyError(f"{path}: field 'chat.user' must contain {{passage}}")
+    if "{passage}" not in base_prompt:
+        raise PolicyError(f"{path}: field 'base.prompt' must contain {{passage}}")
+
+    sampling = Sampling(
+        max_new_tokens=_field(data, "sampling.max_new_tokens", int, path, 512),
+        temperature=_field(data, "sampling.temperature", float, path, 1.0),
+        top_p=_field(data, "sampling.top_p", float, path, 0.95),
+    )
+    if sampling.max_new_tokens <= 0:
+        raise PolicyError(f"{path}: field 'sampling.max_new_tokens' must be positive")
+    if sampling.temperature < 0:
+        raise PolicyError(f"{path}: field 'sampling.temperature' must be >= 0")
+    if not 0 < sampling.top_p <= 1:
+        raise PolicyError(f"{path}: field 'sampling.top_p' must be in (0, 1]")
+
+    defaults = ParseRules()
+    mode = _field(data, "parse.mode", str, path, defaults.mode)
+    if mode not in PARSE_MODES:
+        raise PolicyError(f"{path}: field 'parse.mode' must be one of {PARSE_MODES}, got {mode!r}")
+    qa_item_start = _field(data, "parse.qa_item_start", str, path, defaults.qa_item_start)
+    try:
+        re.compile(qa_item_start)
+    except re.error as e:
+        raise PolicyError(f"{path}: field 'parse.qa_item_start' is not a valid regex: {e}") from None
+    sequence_template = _field(data, "parse.sequence_template", str, path, defaults.sequence_template)
+    _check_template(path, "parse.sequence_template", sequence_template, {"item"})
+    if sequence_template.count("{item}") != 1:
+        raise PolicyError(f"{path}: field 'parse.sequence_template' must contain {{item}} exactly once")
+    parse = ParseRules(
+        mode=mode,
+        separator=_field(data, "parse.separator", str, path, defaults.separator),
+        drop_preamble=_field(data, "parse.drop_preamble", bool, path, defaults.drop_preamble),
+        qa_item_start=qa_item_start,
+        sequence_template=sequence_template,
+        min_item_chars=_field(data, "parse.min_item_chars", int, path, defaults.min_item_chars),
+        max_items=_field(data, "parse.max_items", int, path, defaults.max_items),
+    )
+    name = _field(data, "name", str, path, path.stem)
+    if name != path.stem:
+        raise PolicyError(f"{path}: field 'name' is '{name}' but the file is {path.name}; they must match")
+    return Policy(
+        name=name,
+        description=_field(data, "description", str, path, ""),
+        chat_system=chat_system,
+        chat_user=chat_user,
+        base_prompt=base_prompt,
+        base_completion_prefix=_field(data, "base.completion_prefix", str, path, ""),
+        sampling=sampling,
+        parse=parse,
+        path=path,
+    )
+
+
+def available_policies(policy_dir: Path) -> list[str]:
+    return sorted(p.stem for p in policy_dir.glob("*.toml"))
+
+
+def load_active_policy(policy_dir: Path, name: str) -> Policy:
+    path = policy_dir / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(available_policies(policy_dir)) or "none"
+        raise PolicyError(f"policy '{name}' not found: no {path} (available: {known})")
+    return load_policy(path)

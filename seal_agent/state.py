@@ -1,0 +1,262 @@
+"""The state database (SQLite): documents, passages, self-edits, versions, events.
+
+Everything a user may want to look back on lives here, so `sqlite3 state/seal.db`
+answers questions the CLI does not. The live version is a row in `meta`; it is
+changed in the same transaction that records a new version, so a crash leaves
+either the old live version or the new one, never a half-state.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE documents (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        title TEXT,
+        kind TEXT,
+        status TEXT NOT NULL,          -- learning | done | rejected | failed
+        added_at TEXT NOT NULL,
+        finished_at TEXT,
+        info TEXT                      -- JSON: the learn report
+    );
+    CREATE TABLE passages (
+        document_id INTEGER NOT NULL REFERENCES documents(id),
+        idx INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        title TEXT NOT NULL,
+        text TEXT NOT NULL,
+        n_questions INTEGER NOT NULL DEFAULT 0,
+        status TEXT NOT NULL DEFAULT 'pending',  -- learned | duplicate | failed | pending
+        version INTEGER,
+        PRIMARY KEY (document_id, idx)
+    );
+    CREATE INDEX passages_hash ON passages(hash);
+    CREATE TABLE versions (
+        version INTEGER PRIMARY KEY,
+        parent INTEGER REFERENCES versions(version),
+        created_at TEXT NOT NULL,
+        document_id INTEGER REFERENCES documents(id),
+        passage_hashes TEXT NOT NULL,  -- JSON list
+        fingerprint TEXT NOT NULL,     -- sha256 of probe logits, for exact rollback checks
+        stats TEXT NOT NULL            -- JSON: hyperparameters, losses, timing, QA
+    );
+    CREATE TABLE self_edits (
+        id INTEGER PRIMARY KEY,
+        passage_hash TEXT NOT NULL,
+        document_id INTEGER REFERENCES documents(id),
+        policy TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        text TEXT NOT NULL,
+        n_items INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        version INTEGER,               -- the version it produced, if accepted
+        outcome TEXT                   -- accepted | failed | ...
+    );
+    CREATE INDEX self_edits_passage ON self_edits(passage_hash);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        ts TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        version INTEGER,
+        document_id INTEGER,
+        message TEXT NOT NULL,
+        data TEXT
+    );
+    """,
+]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class VersionRow:
+    version: int
+    parent: int | None
+    created_at: str
+    document_id: int | None
+    passage_hashes: list[str]
+    fingerprint: str
+    stats: dict[str, Any]
+
+
+class State:
+    """Thread-safe access to the state database (one connection, one lock)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self.conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def _write(self, sql: str, args: tuple, conn: sqlite3.Connection | None) -> int:
+        """Run one write inside the caller's transaction `conn`, or in its own."""
+        if conn is not None:
+            return int(conn.execute(sql, args).lastrowid or 0)
+        with self.transaction() as c:
+            return int(c.execute(sql, args).lastrowid or 0)
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.conn.execute(sql, args).fetchall()
+
+    def _migrate(self) -> None:
+        with self.transaction() as c:
+            current = c.execute("PRAGMA user_version").fetchone()[0]
+            for i, script in enumerate(SCHEMA[current:], start=current + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {i}")
+
+    # -- meta / live version ---------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else default
+
+    def set_meta(self, key: str, value: str, conn: sqlite3.Connection | None = None) -> None:
+        sql = "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        self._write(sql, (key, value), conn)
+
+    def live_version(self) -> int | None:
+        value = self.get_meta("live_version")
+        return None if value is None else int(value)
+
+    # -- versions --------------------------------------------------------
+    def add_version(self, row: VersionRow, conn: sqlite3.Connection) -> None:
+        """Record a version (inside the caller's transaction, with whatever else must land with it)."""
+        self._write(
+            "INSERT INTO versions(version, parent, created_at, document_id, passage_hashes, fingerprint, stats)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.version, row.parent, row.created_at, row.document_id,
+             json.dumps(row.passage_hashes), row.fingerprint, json.dumps(row.stats)),
+            conn,
+        )
+
+    @staticmethod
+    def _version(r: sqlite3.Row) -> VersionRow:
+        return VersionRow(
+            version=r["version"], parent=r["parent"], created_at=r["created_at"],
+            document_id=r["document_id"], passage_hashes=json.loads(r["passage_hashes"]),
+            fingerprint=r["fingerprint"], stats=json.loads(r["stats"]),
+        )
+
+    def version(self, version: int) -> VersionRow | None:
+        rows = self._query("SELECT * FROM versions WHERE version = ?", (version,))
+        return self._version(rows[0]) if rows else None
+
+    def versions(self) -> list[VersionRow]:
+        return [self._version(r) for r in self._query("SELECT * FROM versions ORDER BY version")]
+
+    def max_version(self) -> int:
+        return self._query("SELECT COALESCE(MAX(version), -1) AS v FROM versions")[0]["v"]
+
+    def lineage(self, version: int) -> list[int]:
+        """Versions from the base (0) to `version`, in merge order."""
+        parents = {r["version"]: r["parent"] for r in self._query("SELECT version, parent FROM versions")}
+        if version not in parents:
+            raise KeyError(version)
+        chain = []
+        v: int | None = version
+        while v is not None:
+            chain.append(v)
+            v = parents[v]
+        return chain[::-1]
+
+    def learned_passages(self, version: int) -> dict[str, int]:
+        """passage hash -> the version that learned it, for passages in `version`'s lineage."""
+        learned: dict[str, int] = {}
+        for v in self.lineage(version):
+            row = self.version(v)
+            for h in row.passage_hashes if row else []:
+                learned.setdefault(h, v)
+        return learned
+
+    # -- documents, passages, self-edits ---------------------------------
+    def add_document(self, path: str, sha256: str, title: str, kind: str) -> int:
+        return self._write(
+            "INSERT INTO documents(path, sha256, title, kind, status, added_at) VALUES (?, ?, ?, ?, 'learning', ?)",
+            (path, sha256, title, kind, now()), None,
+        )
+
+    def finish_document(self, doc_id: int, status: str, info: dict[str, Any]) -> None:
+        self._write(
+            "UPDATE documents SET status = ?, finished_at = ?, info = ? WHERE id = ?",
+            (status, now(), json.dumps(info), doc_id), None,
+        )
+
+    def document(self, doc_id: int) -> sqlite3.Row | None:
+        rows = self._query("SELECT * FROM documents WHERE id = ?", (doc_id,))
+        return rows[0] if rows else None
+
+    def add_passage(self, doc_id: int, idx: int, hash_: str, title: str, text: str, n_questions: int) -> None:
+        self._write(
+            "INSERT INTO passages(document_id, idx, hash, title, text, n_questions) VALUES (?, ?, ?, ?, ?, ?)",
+            (doc_id, idx, hash_, title, text, n_questions), None,
+        )
+
+    def set_passage_status(self, doc_id: int, idx: int, status: str, version: int | None = None,
+                           conn: sqlite3.Connection | None = None) -> None:
+        sql = "UPDATE passages SET status = ?, version = ? WHERE document_id = ? AND idx = ?"
+        self._write(sql, (status, version, doc_id, idx), conn)
+
+    def add_self_edit(self, passage_hash: str, doc_id: int | None, policy: str, prompt: str, text: str,
+                      n_items: int) -> int:
+        return self._write(
+            "INSERT INTO self_edits(passage_hash, document_id, policy, prompt, text, n_items, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (passage_hash, doc_id, policy, prompt, text, n_items, now()), None,
+        )
+
+    def set_self_edit_outcome(self, edit_id: int, outcome: str, version: int | None = None,
+                              conn: sqlite3.Connection | None = None) -> None:
+        sql = "UPDATE self_edits SET outcome = ?, version = ? WHERE id = ?"
+        self._write(sql, (outcome, version, edit_id), conn)
+
+    def self_edits(self, passage_hash: str) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM self_edits WHERE passage_hash = ? ORDER BY id", (passage_hash,))
+
+    # -- events ----------------------------------------------------------
+    def event(self, kind: str, message: str, *, version: int | None = None, document_id: int | None = None,
+              data: dict[str, Any] | None = None, conn: sqlite3.Connection | None = None) -> None:
+        args = (now(), kind, version, document_id, message, json.dumps(data) if data is not None else None)
+        sql = "INSERT INTO events(ts, kind, version, document_id, message, data) VALUES (?, ?, ?, ?, ?, ?)"
+        self._write(sql, args, conn)
+
+    def events(self, limit: int = 50, kind: str | None = None) -> list[sqlite3.Row]:
+        if kind:
+            return self._query("SELECT * FROM events WHERE kind LIKE ? ORDER BY id DESC LIMIT ?", (kind, limit))
+        return self._query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
