@@ -96,7 +96,7 @@ def handle_errors(f: Callable) -> Callable:
         try:
             return f(*args, **kwargs)
         except SealError as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False)
+            click.echo(f"error: {e}", err=True)
             sys.exit(1)
     return wrapper
 
@@ -200,7 +200,7 @@ def learn(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
                 if as_json:
                     emit_json({"document": str(path), "status": "error", "error": str(e)})
                 else:
-                    err.print(f"[red]error:[/red] {e}", highlight=False)
+                    click.echo(f"error: {e}", err=True)
                 continue
             failures += report["status"] == "failed"
             if as_json:
@@ -246,15 +246,18 @@ def history(ctx: click.Context, as_json: bool) -> None:
         for row in rows:
             emit_json(row)
         return
+    if not rows:
+        out.print("no versions yet: the base model becomes version 0 when it is first loaded (learn or ask)")
+        return
     table = Table(title="model versions")
-    for col in ("version", "parent", "live", "created", "document", "loss", "train s", "QA before→after"):
-        table.add_column(col)
+    for col in ("version", "parent", "live", "created (UTC)", "document", "loss", "train s", "QA before→after"):
+        table.add_column(col, overflow="fold")
     for r in rows:
         qa = r["qa"]
         qa_text = f"{qa['before']:.0%}→{qa['after']:.0%} (n={qa['n']})" if qa and qa.get("after") is not None else ""
         table.add_row(
             str(r["version"]), "" if r["parent"] is None else str(r["parent"]), "●" if r["live"] else "",
-            r["created_at"], Path(r["documents"][0]).name if r["documents"] else f"base: {r['title']}",
+            r["created_at"][:16].replace("T", " "), Path(r["documents"][0]).name if r["documents"] else f"base: {r['title']}",
             "" if r["final_loss"] is None else f"{r['final_loss']:.3f}",
             "" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", qa_text,
         )

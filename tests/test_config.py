@@ -1,0 +1,84 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from seal_agent.config import Config, load_config, to_dict
+from seal_agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_toml_states_every_default():
+    """config.toml documents every knob with its default value."""
+    shipped = load_config(ROOT / "config.toml")
+    assert to_dict(shipped) == to_dict(Config())
+    text = (ROOT / "config.toml").read_text()
+    for section, values in to_dict(Config()).items():
+        assert f"[{section}]" in text
+        for key in values:
+            assert f"\n{key} = " in text, f"{section}.{key} missing from config.toml"
+
+
+def test_missing_default_config_means_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config()
+    assert cfg.train.epochs == 10 and cfg.root == tmp_path
+
+
+def test_explicit_missing_config_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["train.epochs=3", "train.lr=0.01", "lora.target_modules=['q_proj']",
+                             "model.base=/models/x", "train.max_grad_norm=2"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.01
+    assert cfg.lora.target_modules == ["q_proj"]
+    assert cfg.model.base == "/models/x"
+    assert cfg.train.max_grad_norm == 2.0 and isinstance(cfg.train.max_grad_norm, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=three", "must be an integer"),
+    ("train.epochs=1.5", "must be an integer"),
+    ("model.use_chat_template=1", "true or false"),
+    ("lora.target_modules=q_proj", "must be a list"),
+    ("train.nope=1", "unknown config key 'train.nope'"),
+    ("nope.x=1", "unknown config section 'nope'"),
+    ("epochs=1", "section.name"),
+    ("train.epochs", "KEY=VALUE"),
+    ("train.loss_on='some'", "must be one of"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_config_file_names_file_and_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nepochs = 'ten'\n")
+    with pytest.raises(ConfigError, match=r"c\.toml.*train\.epochs"):
+        load_config(path)
+    path.write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_paths_resolve_against_config_dir_and_state_dir_override(tmp_path):
+    path = tmp_path / "sub" / "config.toml"
+    path.parent.mkdir()
+    path.write_text('[paths]\nstate_dir = "st"\n')
+    cfg = load_config(path)
+    assert cfg.state_dir == tmp_path / "sub" / "st"
+    assert cfg.state_path("database") == tmp_path / "sub" / "st" / "state" / "seal.db"
+    cfg = load_config(path, state_dir=tmp_path / "other")
+    assert cfg.state_path("adapters") == tmp_path / "other" / "adapters"
+
+
+def test_sections_are_independent_instances():
+    a, b = Config(), Config()
+    a.lora.target_modules.append("o_proj")
+    assert b.lora.target_modules == ["q_proj", "v_proj"]
+    assert dataclasses.is_dataclass(a.train)

@@ -1,0 +1,84 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from seal_agent.config import JudgeConfig, QAConfig
+from seal_agent.errors import SealError
+from seal_agent.grading import Judge, contains, exact_match, grade, normalize_answer, parse_yes_no, token_f1
+
+
+def test_normalize_like_squad():
+    assert normalize_answer("The  Normans!") == "normans"
+    assert normalize_answer("An 'apple', a pear") == "apple pear"
+
+
+def test_exact_f1_contains():
+    assert exact_match("the Normans.", "Normans")
+    assert not exact_match("Normans of France", "Normans")
+    assert token_f1("Rollo the Viking", "Rollo") == pytest.approx(2 * (1 / 2) * 1 / (1 / 2 + 1))
+    assert token_f1("nothing", "Rollo") == 0.0
+    assert contains("It was led by Rollo, a Viking.", "Rollo")
+    assert not contains("Rollonia", "Rollo")  # word boundaries
+    assert not contains("anything", "")
+
+
+def test_grade_uses_configured_grader():
+    assert grade("It was Rollo.", "Rollo", QAConfig(grader="contains"))
+    assert not grade("It was Rollo.", "Rollo", QAConfig(grader="exact"))
+    assert grade("Rollo the Viking", "Rollo Viking", QAConfig(grader="f1", f1_threshold=0.5))
+
+
+def test_parse_yes_no():
+    assert parse_yes_no("Yes.")
+    assert not parse_yes_no("No")
+    assert not parse_yes_no("yes or no?")
+    assert not parse_yes_no("")
+
+
+class _JudgeHandler(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _JudgeHandler.seen.append((self.path, self.headers.get("Authorization"), body))
+        prompt = body["messages"][0]["content"]
+        verdict = "yes" if "Student answer: Rollo" in prompt else "no"
+        reply = {
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": verdict}}],
+        }
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_talks_to_an_openai_compatible_endpoint(monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), _JudgeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MY_KEY", "secret")
+        judge = Judge(JudgeConfig(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="judge-1",
+                                  api_key_env="MY_KEY"))
+        assert judge.grade("Who led them?", "Rollo", "Rollo")
+        assert not judge.grade("Who led them?", "Rollo", "Harald")
+        assert not judge.grade("Who led them?", "Rollo", "   ")  # empty: not sent
+        assert len(_JudgeHandler.seen) == 2
+        path, auth, body = _JudgeHandler.seen[0]
+        assert path == "/v1/chat/completions" and auth == "Bearer secret" and body["model"] == "judge-1"
+        assert "Gold answer: Rollo" in body["messages"][0]["content"]
+    finally:
+        server.shutdown()
+
+
+def test_judge_needs_configuration():
+    with pytest.raises(SealError, match="judge.base_url"):
+        Judge(JudgeConfig())

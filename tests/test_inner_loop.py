@@ -1,0 +1,84 @@
+import dataclasses
+
+import pytest
+import torch
+
+from seal_agent.config import LoraConfig, TrainConfig
+from seal_agent.errors import TrainingDiverged
+from seal_agent.inner_loop import Example, attach_lora, tokenize, train
+from seal_agent.model.loader import load_model, load_tokenizer
+
+EXAMPLES = [
+    Example("Normans\n", "Rollo led the Norse raiders who settled in Normandy."),
+    Example("Normans\n", "The Normans spoke a dialect of Old French."),
+    Example("Normans\n", "In 1066 the Normans conquered England."),
+]
+
+
+@pytest.fixture
+def tiny(tiny_model_dir, tiny_cfg):
+    return load_model(tiny_model_dir, tiny_cfg), load_tokenizer(tiny_model_dir)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_training_lowers_the_loss_and_leaves_base_weights_alone(tiny):
+    model, tok = tiny
+    before = weights(model)
+    all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, target_modules=all_linear), seed=0)
+    stats = train(peft_model, tok, EXAMPLES, TrainConfig(epochs=8, lr=1e-2, seed=0))
+    assert stats.steps == 24 and len(stats.epoch_losses) == 8
+    assert stats.epoch_losses[-1] < 0.7 * stats.epoch_losses[0]
+    assert stats.tokens > 0 and stats.seconds > 0
+    restored = peft_model.unload()
+    for k, v in weights(restored).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_same_seed_same_adapter(tiny):
+    model, tok = tiny
+    results = []
+    for _ in range(2):
+        pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=3)
+        train(pm, tok, EXAMPLES, TrainConfig(epochs=2, lr=1e-3, seed=7), compute_dtype=torch.float32)
+        results.append({k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k})
+        model = pm.unload()
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_nan_loss_aborts(tiny):
+    model, tok = tiny
+    before = weights(model)
+    pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
+    with pytest.raises(TrainingDiverged, match="abandoned"):
+        train(pm, tok, EXAMPLES, TrainConfig(epochs=3, lr=float("inf"), max_grad_norm=0.0))
+    restored = pm.unload()
+    assert all(torch.equal(v, before[k]) for k, v in weights(restored).items())
+
+
+def test_completion_loss_masks_the_prompt(tiny):
+    _, tok = tiny
+    [(ids_all, labels_all)] = tokenize(tok, EXAMPLES[:1], 2048, "all")
+    [(ids_c, labels_c)] = tokenize(tok, EXAMPLES[:1], 2048, "completion")
+    assert torch.equal(ids_all, ids_c) and torch.equal(labels_all, ids_all)
+    n_prompt = len(tok("Normans\n")["input_ids"])
+    assert (labels_c[:n_prompt] == -100).all() and (labels_c[n_prompt:] == ids_c[n_prompt:]).all()
+    [(ids_t, _)] = tokenize(tok, EXAMPLES[:1], 5, "all")
+    assert len(ids_t) == 5  # truncated to max_length
+    [(ids_e, _)] = tokenize(tok, EXAMPLES[:1], 2048, "all", append_eos=True)
+    assert ids_e[-1].item() == tok.eos_token_id
+
+
+def test_batches_pad_without_learning_padding(tiny):
+    model, tok = tiny
+    pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
+    cfg = dataclasses.replace(TrainConfig(), epochs=2, batch_size=2, lr=1e-3)
+    stats = train(pm, tok, EXAMPLES, cfg)
+    assert stats.steps == 4  # ceil(3 / 2) per epoch
+    true_tokens = sum(len(t) for t, _ in tokenize(tok, EXAMPLES, 2048, "all"))
+    assert stats.tokens == 2 * true_tokens  # padding not counted
+    assert all(torch.isfinite(torch.tensor(stats.epoch_losses)))
