@@ -56,8 +56,8 @@ class SealAgent:
         return self._live
 
     # -- verbs -----------------------------------------------------------
-    def learn(self, path: Path, progress: Progress = _noop) -> DocumentReport:
-        return Learner(self.cfg, self.state, self.live, self.policy).learn_file(path, progress)
+    def learn(self, path: Path, progress: Progress = _noop, max_passages: int | None = None) -> DocumentReport:
+        return Learner(self.cfg, self.state, self.live, self.policy).learn_file(path, progress, max_passages)
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
         live = self.live

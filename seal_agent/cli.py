@@ -11,8 +11,9 @@ import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.console import Console
@@ -171,11 +172,13 @@ def _print_learn(report: dict[str, Any]) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--max-passages", type=click.IntRange(min=1), default=None,
+              help="Learn only the first N passages of each document.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per document.")
 @global_options
 @click.pass_context
 @handle_errors
-def learn(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
+def learn(ctx: click.Context, paths: tuple[Path, ...], max_passages: int | None, as_json: bool) -> None:
     """Learn documents into the model's weights.
 
     Each PATH is a .txt, .md, .html, .pdf or SQuAD-style .json/.jsonl file, or
@@ -194,7 +197,7 @@ def learn(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as progress:
         for path in files:
             try:
-                report = agent.learn(path, _LearnProgress(progress)).as_dict()
+                report = agent.learn(path, _LearnProgress(progress), max_passages).as_dict()
             except SealError as e:
                 failures += 1
                 if as_json:

@@ -69,8 +69,11 @@ class LoraConfig:
     r: int = 32
     alpha: int = 64
     dropout: float = 0.0
-    # peft's default for Llama/Qwen is q_proj, v_proj (what the paper used).
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # All linear projections. The paper used peft's default for Qwen (q_proj,
+    # v_proj); on SmolLM2-135M that learns a passage far less (BENCHMARKS.md).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass

@@ -72,8 +72,8 @@ JUDGE_PROMPT = (
     "Question: {question}\nGold answer: {gold}\nStudent answer: {pred}\n"
     "Is the student answer correct based solely on the gold answer? Respond 'yes' or 'no'."
 )
-_YES = re.compile(r"\byes\b", re.I)
-_NO = re.compile(r"\bno\b", re.I)
+_YES = re.compile(r"\byes\b", re.IGNORECASE)
+_NO = re.compile(r"\bno\b", re.IGNORECASE)
 
 
 def parse_yes_no(text: str) -> bool:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -130,23 +131,27 @@ class Learner:
             self.cfg.split.max_tokens, self.cfg.split.min_tokens,
         )
 
-    def learn_file(self, path: Path, progress: Progress = _noop) -> DocumentReport:
+    def learn_file(self, path: Path, progress: Progress = _noop, max_passages: int | None = None) -> DocumentReport:
         t0 = time.perf_counter()
         doc = self.read(path)
+        if max_passages is not None:
+            doc.passages = doc.passages[:max_passages]
         self.live.ensure_loaded()
         doc_id = self.state.add_document(str(Path(path).resolve()), file_hash(Path(path)), doc.title, doc.kind)
         for i, p in enumerate(doc.passages):
             self.state.add_passage(doc_id, i, p.hash, p.title, p.text, len(p.questions))
         report = DocumentReport(str(path), doc.title, doc.kind, doc_id, self.live.version)
         progress("document", {"path": str(path), "title": doc.title, "passages": len(doc.passages)})
+        status = "interrupted"  # unless the loop below completes
         try:
             for i, passage in enumerate(doc.passages):
                 progress("passage", {"index": i, "total": len(doc.passages)})
                 report.passages.append(self.learn_passage(passage, i, doc_id, progress))
+            status = report.status
         finally:
             report.version = self.live.version
             report.seconds = time.perf_counter() - t0
-            self.state.finish_document(doc_id, report.status if report.passages else "failed", report.as_dict())
+            self.state.finish_document(doc_id, status, report.as_dict())
         return report
 
     # -- one passage -----------------------------------------------------

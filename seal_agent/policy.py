@@ -37,6 +37,9 @@ class ParseRules:
     sequence_template: str = "{title}\n{item}"
     min_item_chars: int = 3
     max_items: int = 200
+    # Drop items naming people, places or numbers that the passage does not
+    # contain: a small model's hallucinations would otherwise be learned as facts.
+    grounded_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,16 +73,20 @@ class Policy:
             return self.base_completion_prefix + completion.lstrip()
         return completion
 
-    def items(self, completion: str) -> list[str]:
-        """The self-edit's items (without title, without the passage)."""
-        return split_items(completion, self.parse)
+    def items(self, completion: str, title: str = "", passage: str | None = None) -> list[str]:
+        """The self-edit's items (without title, without the passage). With the
+        passage given and `grounded_only` on, ungrounded items are dropped."""
+        items = split_items(completion, self.parse)
+        if self.parse.grounded_only and passage is not None:
+            items = [it for it in items if not ungrounded_terms(it, f"{title}\n{passage}")]
+        return items
 
     def examples(self, completion: str, title: str, passage: str) -> list[Example]:
         """Training sequences: each item under the title, then the passage itself.
         The part of the template before {item} is the example's prompt."""
         before, after = self.parse.sequence_template.split("{item}", 1)
         prompt, suffix = before.format(title=title), after.format(title=title)
-        items = self.items(completion) + [passage.strip()]
+        items = self.items(completion, title, passage) + [passage.strip()]
         return [Example(prompt, item + suffix) for item in items]
 
 
@@ -100,6 +107,39 @@ def split_items(completion: str, rules: ParseRules) -> list[str]:
             items = _drop_preamble(items)
     items = [it for it in items if len(_strip_markup(it)) >= rules.min_item_chars]
     return items[: rules.max_items]
+
+
+_NAME_OR_NUMBER = re.compile(r"\b(?:[A-Z][\w'-]*|\d[\d,.]*\d|\d)\b")
+_FUNCTION_WORDS = {
+    "a", "an", "the", "this", "that", "these", "those", "it", "its", "he", "she", "they", "their", "his", "her",
+    "in", "on", "at", "by", "for", "of", "to", "from", "with", "as", "and", "but", "or", "if", "when", "while",
+    "there", "here", "what", "who", "which", "where", "why", "how", "is", "are", "was", "were", "be", "not",
+    "no", "yes", "all", "some", "many", "most", "each", "every", "both", "one", "after", "before", "during",
+    "since", "although", "because", "so", "thus", "therefore", "however", "also", "such", "we", "i", "you",
+    "question", "answer", "implication", "implications", "passage", "overall", "additionally", "furthermore",
+}
+
+
+def ungrounded_terms(item: str, source: str) -> set[str]:
+    """Names and numbers in `item` (capitalized words, digits) that `source` never mentions.
+    List numbering ("3.") and capitalized function words do not count."""
+    body = _LIST_ITEM.sub("", item, count=1)
+    body = re.sub(r"^\s*(?:Question|Answer|Q|A)\s*\d*\s*[:.]", "", body)
+    known = set(re.findall(r"[\w'-]+", source.lower()))
+    known_digits = set(re.findall(r"\d[\d,.]*\d|\d", source))
+    # The first word of a sentence is capitalized anyway: not evidence of a name.
+    starts = {m.end() for m in re.finditer(r"(?:^|[.!?:;]\s+|\n)\W*(?=\w)", body)}
+    missing = set()
+    for m in _NAME_OR_NUMBER.finditer(body):
+        term, word = m.group(), m.group().lower()
+        if word in _FUNCTION_WORDS or (term[0].isupper() and m.start() in starts):
+            continue
+        if term[0].isdigit():
+            if term not in known_digits:
+                missing.add(term)
+        elif word not in known and word.rstrip("s") not in known and word.removesuffix("'s") not in known:
+            missing.add(term)
+    return missing
 
 
 def _split_qa(text: str, item_start: str) -> list[str]:
@@ -167,7 +207,7 @@ _KNOWN = {
     "sampling": {"temperature", "top_p", "max_new_tokens"},
     "parse": {
         "mode", "separator", "drop_preamble", "qa_item_start",
-        "sequence_template", "min_item_chars", "max_items",
+        "sequence_template", "min_item_chars", "max_items", "grounded_only",
     },
 }
 
@@ -246,6 +286,7 @@ def load_policy(path: Path) -> Policy:
         sequence_template=sequence_template,
         min_item_chars=_field(data, "parse.min_item_chars", int, path, defaults.min_item_chars),
         max_items=_field(data, "parse.max_items", int, path, defaults.max_items),
+        grounded_only=_field(data, "parse.grounded_only", bool, path, defaults.grounded_only),
     )
     name = _field(data, "name", str, path, path.stem)
     if name != path.stem:

@@ -79,6 +79,6 @@ def test_paths_resolve_against_config_dir_and_state_dir_override(tmp_path):
 
 def test_sections_are_independent_instances():
     a, b = Config(), Config()
-    a.lora.target_modules.append("o_proj")
-    assert b.lora.target_modules == ["q_proj", "v_proj"]
+    a.lora.target_modules.append("lm_head")
+    assert "lm_head" not in b.lora.target_modules
     assert dataclasses.is_dataclass(a.train)

@@ -40,7 +40,7 @@ def test_parse_yes_no():
 class _JudgeHandler(BaseHTTPRequestHandler):
     seen: list = []
 
-    def do_POST(self):  # noqa: N802 - http.server API
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _JudgeHandler.seen.append((self.path, self.headers.get("Authorization"), body))
         prompt = body["messages"][0]["content"]

