@@ -16,7 +16,7 @@ from .documents import SUPPORTED
 from .errors import SealError
 from .learner import DocumentReport, Learner, Progress, _noop
 from .model.live import LiveModel
-from .model.loader import compute_dtype
+from .model.loader import generate_dtype
 from .policy import Policy, load_active_policy
 from .qa import answer
 from .state import State
@@ -63,7 +63,7 @@ class SealAgent:
         live = self.live
         [text] = answer(
             live.model, live.tokenizer, [question], [""], self.cfg.qa,
-            use_chat=self.cfg.model.use_chat_template, compute_dtype=compute_dtype(self.cfg),
+            use_chat=self.cfg.model.use_chat_template, compute_dtype=generate_dtype(self.cfg),
             max_new_tokens=max_new_tokens,
         )
         return {"question": question, "answer": text, "version": live.version}

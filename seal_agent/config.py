@@ -38,9 +38,12 @@ class ModelConfig:
     # Dtype of the live weights. float32 keeps merged LoRA deltas exact; bf16
     # weights would round small deltas away.
     dtype: str = "float32"
-    # Dtype matmuls run in during training and generation: "auto" = bfloat16
-    # where the CPU has native bf16 support, else float32.
-    compute_dtype: str = "auto"
+    # Matmul dtype of the inner loop: "auto" = bfloat16 where the CPU has native
+    # bf16 support (1.3x faster here, learns as well), else float32.
+    train_dtype: str = "auto"
+    # Matmul dtype for generation and evaluation. float32: unbatched decoding is
+    # faster in fp32 on this CPU, and bf16 would round away small merged deltas.
+    generate_dtype: str = "float32"
     # Torch intra-op threads; 0 = torch's default (one per core).
     threads: int = 0
     # Wrap prompts in the tokenizer's chat template when it has one.
@@ -157,7 +160,8 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.compute_dtype": ("auto", "float32", "bfloat16"),
+    "model.train_dtype": ("auto", "float32", "bfloat16"),
+    "model.generate_dtype": ("auto", "float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "train.loss_on": ("all", "completion"),
     "qa.grader": ("contains", "exact", "f1"),

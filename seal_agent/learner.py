@@ -31,7 +31,7 @@ from .errors import TrainingDiverged
 from .inner_loop import Example, TrainStats, attach_lora, train
 from .model.generation import generate
 from .model.live import LiveModel, fingerprints
-from .model.loader import compute_dtype
+from .model.loader import generate_dtype, train_dtype
 from .policy import Policy
 from .state import State, VersionRow, now
 
@@ -122,7 +122,8 @@ class Learner:
         self.state = state
         self.live = live
         self.policy = policy
-        self.dtype = compute_dtype(cfg)
+        self.train_dtype = train_dtype(cfg)
+        self.generate_dtype = generate_dtype(cfg)
 
     def read(self, path: Path) -> Document:
         tok = self.live.tokenizer
@@ -164,14 +165,14 @@ class Learner:
         prompt = self.policy.prompt(self.live.tokenizer, passage.title, passage.text, use_chat)
         [completion] = generate(
             self.live.model, self.live.tokenizer, [prompt], self.policy.sampling,
-            compute_dtype=self.dtype, seed=seed,
+            compute_dtype=self.generate_dtype, seed=seed,
         )
         return prompt, self.policy.completion_text(self.live.tokenizer, completion, use_chat)
 
     def _evaluate(self, model, questions: list[qa_mod.Question]) -> float | None:
         scored = qa_mod.evaluate(
             model, self.live.tokenizer, questions, self.cfg.qa,
-            use_chat=self.cfg.model.use_chat_template, compute_dtype=self.dtype,
+            use_chat=self.cfg.model.use_chat_template, compute_dtype=self.generate_dtype,
         )
         return qa_mod.accuracy(scored)
 
@@ -231,7 +232,7 @@ class Learner:
         train_cfg = dataclasses.replace(self.cfg.train, seed=self.cfg.train.seed + seed)
         try:
             stats = train(
-                candidate, self.live.tokenizer, examples, train_cfg, compute_dtype=self.dtype,
+                candidate, self.live.tokenizer, examples, train_cfg, compute_dtype=self.train_dtype,
                 on_step=lambda step, total, loss: progress("step", {"step": step, "total": total, "loss": loss}),
             )
         except BaseException:
@@ -252,7 +253,7 @@ class Learner:
             "policy": self.policy.name,
             "self_edit": text,
             "lora": to_dict(self.cfg.lora),
-            "train": {**to_dict(self.cfg.train), "compute_dtype": str(self.dtype).removeprefix("torch.")},
+            "train": {**to_dict(self.cfg.train), "dtype": str(self.train_dtype).removeprefix("torch.")},
             "stats": stats.as_dict(),
             "qa": {"before": report.qa_before, "after": report.qa_after, "n": report.n_questions}
             if report.n_questions else None,

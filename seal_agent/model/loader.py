@@ -95,14 +95,21 @@ def resolve_base(cfg: Config) -> Path:
     return path
 
 
-def compute_dtype(cfg: Config) -> torch.dtype:
-    """The dtype matmuls run in: bf16 where the CPU does it natively, unless configured."""
-    choice = cfg.model.compute_dtype
+def _resolve_dtype(choice: str, cfg: Config) -> torch.dtype:
+    """A dtype name; "auto" = bf16 where the CPU does it natively (or on an accelerator)."""
     if choice == "auto":
         if cfg.model.device == "cpu":
             return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
         return torch.bfloat16
     return _DTYPES[choice]
+
+
+def train_dtype(cfg: Config) -> torch.dtype:
+    return _resolve_dtype(cfg.model.train_dtype, cfg)
+
+
+def generate_dtype(cfg: Config) -> torch.dtype:
+    return _resolve_dtype(cfg.model.generate_dtype, cfg)
 
 
 def load_tokenizer(path: Path):
