@@ -252,15 +252,16 @@ def history(ctx: click.Context, as_json: bool) -> None:
     if not rows:
         out.print("no versions yet: the base model becomes version 0 when it is first loaded (learn or ask)")
         return
-    table = Table(title="model versions")
-    for col in ("version", "parent", "live", "created (UTC)", "document", "loss", "train s", "QA before→after"):
+    table = Table(title="model versions (● = live)")
+    for col in ("version", "parent", "created (UTC)", "document", "loss", "train s", "QA"):
         table.add_column(col, overflow="fold")
     for r in rows:
         qa = r["qa"]
-        qa_text = f"{qa['before']:.0%}→{qa['after']:.0%} (n={qa['n']})" if qa and qa.get("after") is not None else ""
+        qa_text = f"{qa['before']:.0%}→{qa['after']:.0%}" if qa and qa.get("after") is not None else ""
         table.add_row(
-            str(r["version"]), "" if r["parent"] is None else str(r["parent"]), "●" if r["live"] else "",
-            r["created_at"][:16].replace("T", " "), Path(r["documents"][0]).name if r["documents"] else f"base: {r['title']}",
+            f"{r['version']}{' ●' if r['live'] else ''}", "" if r["parent"] is None else str(r["parent"]),
+            r["created_at"][5:16].replace("T", " "),
+            Path(r["documents"][0]).name if r["documents"] else "(base model)",
             "" if r["final_loss"] is None else f"{r['final_loss']:.3f}",
             "" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", qa_text,
         )
