@@ -18,7 +18,7 @@ from .learner import DocumentReport, Learner, Progress, _noop
 from .model.live import LiveModel
 from .model.loader import generate_dtype
 from .policy import Policy, load_active_policy
-from .qa import answer
+from .qa import Question, answer
 from .state import State
 
 # Nothing is ever fetched from a model hub.
@@ -62,7 +62,7 @@ class SealAgent:
     def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
         live = self.live
         [text] = answer(
-            live.model, live.tokenizer, [question], [""], self.cfg.qa,
+            live.model, live.tokenizer, [Question(question, "")], self.cfg.qa,
             use_chat=self.cfg.model.use_chat_template, compute_dtype=generate_dtype(self.cfg),
             max_new_tokens=max_new_tokens,
         )

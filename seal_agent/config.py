@@ -104,6 +104,9 @@ class QAConfig:
     question_template: str = "Topic: {title}\n{question}"
     # For models without a chat template (the SEAL reference's prompt).
     base_template: str = "Let's answer a question directly and concisely.\nQuestion: {question}\nAnswer:\n"
+    # With the passage in context (the `in-context` condition of `eval squad`):
+    # put in front of the question text above.
+    context_template: str = "Passage:\n{title}\n{passage}\n\n"
     # How an answer is graded offline: "contains" (normalized gold in the
     # answer), "exact" (normalized exact match) or "f1" (token F1 >= f1_threshold).
     grader: str = "contains"

@@ -37,6 +37,9 @@ class Passage:
     title: str
     text: str
     questions: list[QA] = field(default_factory=list)
+    # Self-edits written by other models, carried by SQuAD-style files
+    # (`external_self_edits: {"gpt-4.1": [...]}`); used by `eval squad`.
+    external_self_edits: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def hash(self) -> str:
@@ -206,7 +209,13 @@ def _read_squad(path: Path) -> tuple[str, list[Passage]]:
             if not isinstance(q, dict) or not isinstance(q.get("question"), str):
                 raise DocumentError(f"{qwhere}: needs a 'question' string")
             qas.append(QA(q["question"].strip(), _answer_of(q, qwhere).strip()))
-        passages.append(Passage(title=title.strip() or _title_from_filename(path), text=context.strip(), questions=qas))
+        external = item.get("external_self_edits", {})
+        if not isinstance(external, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in external.values()
+        ):
+            raise DocumentError(f"{where}: 'external_self_edits' must map names to lists of strings")
+        passages.append(Passage(title=title.strip() or _title_from_filename(path), text=context.strip(),
+                                questions=qas, external_self_edits=external))
     if not passages:
         raise DocumentError(f"{path.name}: no passages (expected {{title, context, questions}} objects)")
     return passages[0].title if len({p.title for p in passages}) == 1 else _title_from_filename(path), passages

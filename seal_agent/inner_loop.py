@@ -12,6 +12,7 @@ so the live weights are never touched by a diverged update.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -76,6 +77,23 @@ def attach_lora(model, cfg: LoraConfig, seed: int = 0) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter (in place; `unload()` undoes it exactly)."""
     torch.manual_seed(seed)
     return get_peft_model(model, peft_config(cfg))
+
+
+def train_adapter(
+    model, tokenizer, examples: list[Example], lora: LoraConfig, cfg: TrainConfig, *, seed: int = 0,
+    compute_dtype: torch.dtype = torch.float32, append_eos: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> tuple[PeftModel, TrainStats]:
+    """Attach a fresh adapter to `model` and train it. On any failure (a diverged
+    loss included) the adapter is removed again, leaving `model` exactly as it was."""
+    peft_model = attach_lora(model, lora, seed)
+    try:
+        stats = train(peft_model, tokenizer, examples, dataclasses.replace(cfg, seed=cfg.seed + seed),
+                      compute_dtype=compute_dtype, append_eos=append_eos, on_step=on_step)
+    except BaseException:
+        peft_model.unload()
+        raise
+    return peft_model, stats
 
 
 def tokenize(tokenizer, examples: list[Example], max_length: int, loss_on: str, append_eos: bool = False):

@@ -28,11 +28,11 @@ from . import qa as qa_mod
 from .config import Config, to_dict
 from .documents import Document, Passage, file_hash, read_document
 from .errors import TrainingDiverged
-from .inner_loop import Example, TrainStats, attach_lora, train
-from .model.generation import generate
+from .inner_loop import TrainStats, train_adapter
 from .model.live import LiveModel, fingerprints
 from .model.loader import generate_dtype, train_dtype
 from .policy import Policy
+from .self_edit import write_self_edits
 from .state import State, VersionRow, now
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -159,16 +159,6 @@ class Learner:
     def _seed(self, passage_hash: str) -> int:
         return (self.cfg.model.seed * 1_000_003 + int(passage_hash[:8], 16)) % (2**31)
 
-    def write_self_edit(self, passage: Passage, seed: int) -> tuple[str, str]:
-        """The live model's self-edit for a passage: (prompt, completion text)."""
-        use_chat = self.cfg.model.use_chat_template
-        prompt = self.policy.prompt(self.live.tokenizer, passage.title, passage.text, use_chat)
-        [completion] = generate(
-            self.live.model, self.live.tokenizer, [prompt], self.policy.sampling,
-            compute_dtype=self.generate_dtype, seed=seed,
-        )
-        return prompt, self.policy.completion_text(self.live.tokenizer, completion, use_chat)
-
     def _evaluate(self, model, questions: list[qa_mod.Question]) -> float | None:
         scored = qa_mod.evaluate(
             model, self.live.tokenizer, questions, self.cfg.qa,
@@ -191,19 +181,24 @@ class Learner:
 
         seed = self._seed(h)
         progress("self-edit", {"index": index})
-        prompt, text = self.write_self_edit(passage, seed)
-        examples = self.policy.examples(text, passage.title, passage.text)
-        edit_id = self.state.add_self_edit(h, doc_id, self.policy.name, prompt, text, len(examples) - 1)
-        report.self_edit_chars, report.self_edit_items = len(text), len(examples) - 1
+        [edit] = write_self_edits(self.live.model, self.live.tokenizer, self.policy, passage,
+                                  use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed)
+        text = edit.text
+        edit_id = self.state.add_self_edit(h, doc_id, self.policy.name, edit.prompt, text, edit.n_items)
+        report.self_edit_chars, report.self_edit_items = len(text), edit.n_items
 
         questions = qa_mod.questions_of(passage.title, passage.questions)
         if questions:
             progress("qa-before", {"index": index, "n": len(questions)})
             report.qa_before = self._evaluate(self.live.model, questions)
 
-        progress("train", {"index": index, "examples": len(examples)})
+        progress("train", {"index": index, "examples": len(edit.examples)})
         try:
-            stats, candidate = self._train_candidate(examples, seed, progress)
+            candidate, stats = train_adapter(
+                self.live.model, self.live.tokenizer, edit.examples, self.cfg.lora, self.cfg.train, seed=seed,
+                compute_dtype=self.train_dtype,
+                on_step=lambda step, total, loss: progress("step", {"step": step, "total": total, "loss": loss}),
+            )
         except TrainingDiverged as e:
             report.error = str(e)
             self.state.set_self_edit_outcome(edit_id, "diverged")
@@ -224,21 +219,6 @@ class Learner:
         report.seconds = time.perf_counter() - t0
         progress("learned", {"index": index, "version": report.version})
         return report
-
-    def _train_candidate(self, examples: list[Example], seed: int, progress: Progress):
-        """Train a LoRA adapter on the live weights. On divergence the adapter
-        is removed (the live weights were never modified) and the error re-raised."""
-        candidate = attach_lora(self.live.model, self.cfg.lora, seed)
-        train_cfg = dataclasses.replace(self.cfg.train, seed=self.cfg.train.seed + seed)
-        try:
-            stats = train(
-                candidate, self.live.tokenizer, examples, train_cfg, compute_dtype=self.train_dtype,
-                on_step=lambda step, total, loss: progress("step", {"step": step, "total": total, "loss": loss}),
-            )
-        except BaseException:
-            self.live.model = candidate.unload()
-            raise
-        return stats, candidate
 
     def _commit(self, candidate, passage: Passage, doc_id: int, index: int, edit_id: int, text: str,
                 stats: TrainStats, report: PassageReport) -> int:

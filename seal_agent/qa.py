@@ -14,11 +14,13 @@ from .model.generation import Sampling, generate, render_prompt
 
 @dataclass(frozen=True)
 class Question:
-    """A question about a passage, with its gold answer."""
+    """A question about a passage, with its gold answer. `context` (the passage)
+    is put in the prompt only when answering in context."""
 
     question: str
     answer: str
     title: str = ""
+    context: str = ""
 
 
 @dataclass
@@ -28,12 +30,14 @@ class Scored:
     correct: bool
 
 
-def questions_of(title: str, qas: list[QA]) -> list[Question]:
-    return [Question(q.question, q.answer, title) for q in qas]
+def questions_of(title: str, qas: list[QA], context: str = "") -> list[Question]:
+    return [Question(q.question, q.answer, title, context) for q in qas]
 
 
-def question_prompt(tokenizer, question: str, title: str, cfg: QAConfig, use_chat: bool) -> str:
-    text = cfg.question_template.format(title=title, question=question) if title else question
+def question_prompt(tokenizer, q: Question, cfg: QAConfig, use_chat: bool, in_context: bool = False) -> str:
+    text = cfg.question_template.format(title=q.title, question=q.question) if q.title else q.question
+    if in_context:
+        text = cfg.context_template.format(title=q.title, passage=q.context) + text
     return render_prompt(
         tokenizer,
         system=cfg.system,
@@ -44,24 +48,24 @@ def question_prompt(tokenizer, question: str, title: str, cfg: QAConfig, use_cha
 
 
 def answer(
-    model, tokenizer, questions: list[str], titles: list[str], cfg: QAConfig, *,
-    use_chat: bool, compute_dtype: torch.dtype, max_new_tokens: int | None = None,
+    model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: torch.dtype,
+    in_context: bool = False, max_new_tokens: int | None = None,
 ) -> list[str]:
     """Greedy answers to questions, batched."""
-    prompts = [question_prompt(tokenizer, q, t, cfg, use_chat) for q, t in zip(questions, titles)]
+    prompts = [question_prompt(tokenizer, q, cfg, use_chat, in_context) for q in questions]
     sampling = Sampling(max_new_tokens=max_new_tokens or cfg.max_new_tokens, temperature=0.0)
     return generate(model, tokenizer, prompts, sampling, compute_dtype=compute_dtype, batch_size=cfg.batch_size)
 
 
 def evaluate(
-    model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: torch.dtype
+    model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: torch.dtype,
+    in_context: bool = False,
 ) -> list[Scored]:
+    """Answer and grade (offline grader) each question."""
     if not questions:
         return []
-    preds = answer(
-        model, tokenizer, [q.question for q in questions], [q.title for q in questions], cfg,
-        use_chat=use_chat, compute_dtype=compute_dtype,
-    )
+    preds = answer(model, tokenizer, questions, cfg, use_chat=use_chat, compute_dtype=compute_dtype,
+                   in_context=in_context)
     return [Scored(q, p, grade(p, q.answer, cfg)) for q, p in zip(questions, preds)]
 
 
