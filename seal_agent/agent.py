@@ -55,6 +55,12 @@ class SealAgent:
         self._live.ensure_loaded()
         return self._live
 
+    def model_at(self, version: int):
+        """(model, tokenizer) holding `version`'s weights, apart from the live model."""
+        if self._live is None:
+            self._live = LiveModel(self.cfg, self.state, self.log)
+        return self._live.build(version), self._live.tokenizer
+
     # -- verbs -----------------------------------------------------------
     def learn(self, path: Path, progress: Progress = _noop, max_passages: int | None = None) -> DocumentReport:
         return Learner(self.cfg, self.state, self.live, self.policy).learn_file(path, progress, max_passages)

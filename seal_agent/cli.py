@@ -293,5 +293,120 @@ def rollback(ctx: click.Context, version: int, as_json: bool) -> None:
     )
 
 
+# -- eval ----------------------------------------------------------------
+
+DEFAULT_EVAL_DATA = "../shared/data/squad/eval_dev.json"
+
+
+@main.group(name="eval")
+def eval_group() -> None:
+    """Measure how well the model learns (the SEAL paper's Table 2 ladder)."""
+
+
+def _eval_options(f: Callable) -> Callable:
+    options = [
+        click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help=f"SQuAD-style JSON/JSONL (default: {DEFAULT_EVAL_DATA} next to config.toml)."),
+        click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N passages."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for self-edit sampling and training (same seed, same result)."),
+        click.option("--from-version", type=int, default=0, show_default=True,
+                     help="Model version every update starts from (0 = the base model)."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Directory for answers.jsonl, results.json, chart.png (default: STATE/eval/KIND-TIME)."),
+        click.option("--json", "as_json", is_flag=True, help="One JSON object per condition."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, conditions: str, seed: int,
+              from_version: int, out_dir: Path | None, as_json: bool) -> None:
+    from datetime import datetime
+
+    from .documents import read_document
+    from .evaluation import parse_conditions, passage_subset, run_eval, write_outputs
+    from .grading import Judge
+
+    agent = _agent(ctx)
+    cfg = agent.cfg
+    data = data or (cfg.root / DEFAULT_EVAL_DATA)
+    if not data.exists():
+        raise SealError(f"evaluation data {data} does not exist; pass --data FILE (SQuAD-style JSON)")
+    doc = read_document(data, lambda t: len(t.split()), 10**9)
+    if doc.kind != "squad":
+        raise SealError(f"{data}: evaluation needs a SQuAD-style .json/.jsonl file with questions")
+    passages = [p for p in passage_subset(doc.passages, n) if p.questions]
+    if not passages:
+        raise SealError(f"{data}: no passages with questions")
+    conds = parse_conditions(conditions, passages, cpt=kind == "cpt")
+    judge = Judge(cfg.judge) if cfg.judge.base_url else None
+    model, tokenizer = agent.model_at(from_version)
+    total = len(passages) * len(conds) if kind == "squad" else len(conds)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task(f"eval {kind}", total=total)
+
+        def on(stage: str, info: dict[str, Any]) -> None:
+            if stage == "passage":
+                progress.update(task, description=f"passage {info['index'] + 1}/{info['total']}: {info['title'][:30]}")
+            elif stage == "condition-start":
+                progress.update(task, description=f"{info['condition']} ({len(passages)} passages)")
+            elif stage == "condition":
+                progress.advance(task)
+                logging.getLogger("seal_agent.eval").info("%s: %d/%d", info["condition"], info["correct"], info["n"])
+
+        t0 = datetime.now()
+        run = run_eval(kind, cfg, model, tokenizer, agent.policy, passages, conds, judge=judge, seed=seed,
+                       progress=on)
+    out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"{kind}-{t0:%Y%m%d-%H%M%S}"
+    meta = {
+        "data": str(data), "passages": len(passages), "seed": seed, "from_version": from_version,
+        "policy": agent.policy.name, "model": cfg.model.base, "started": t0.isoformat(timespec="seconds"),
+        "title": f"seal-agent eval {kind}: {len(passages)} passages of {data.name}, {cfg.model.base}",
+    }
+    files = write_outputs(run, out_dir, meta)
+    if as_json:
+        for row in run.rows():
+            emit_json(row)
+        return
+    table = Table(title=f"eval {kind}: {len(passages)} passages of {data.name} (no passage in context)")
+    for col in ("condition", "accuracy", "95% CI", "questions", "seconds") + (("judge",) if judge else ()):
+        table.add_column(col)
+    for r in run.rows():
+        cells = [r["condition"], f"{r['accuracy']:.1%}", f"{r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}", str(r["n"]),
+                 f"{r['seconds']:.0f}"]
+        if judge:
+            cells.append(f"{r.get('judge_accuracy', 0):.1%}")
+        table.add_row(*cells)
+    out.print(table)
+    out.print(f"answers: {files['answers']}\nchart:   {files['chart']}", highlight=False)
+
+
+@eval_group.command("squad")
+@click.option("--conditions", default="base,passage,self,external:gpt-4.1,in-context", show_default=True,
+              help="Comma-separated: base, passage, self, external:<name>, in-context.")
+@_eval_options
+@global_options
+@click.pass_context
+@handle_errors
+def eval_squad(ctx, data, n, seed, from_version, out, as_json, conditions) -> None:
+    """Single-passage setting: each passage learned independently from the same model."""
+    _run_eval(ctx, "squad", data, n, conditions, seed, from_version, out, as_json)
+
+
+@eval_group.command("cpt")
+@click.option("--conditions", default="base,passage,self,external:gpt-4.1", show_default=True,
+              help="Comma-separated: base, passage, self, external:<name>.")
+@_eval_options
+@global_options
+@click.pass_context
+@handle_errors
+def eval_cpt(ctx, data, n, seed, from_version, out, as_json, conditions) -> None:
+    """Continued-pretraining setting: one update on N passages together, then all their questions."""
+    _run_eval(ctx, "cpt", data, n, conditions, seed, from_version, out, as_json)
+
+
 if __name__ == "__main__":
     main()

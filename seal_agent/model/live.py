@@ -98,9 +98,22 @@ class LiveModel:
             self.load(self.state.live_version())
 
     def load(self, version: int, verify: bool = False) -> dict[str, bool] | None:
-        """Rebuild `version`'s weights into memory. With verify, compare fingerprints."""
+        """Make `version`'s weights the in-memory model. With verify, compare fingerprints."""
         row = self.state.version(version)
         if row is None:
+            raise SealError(f"no version {version} (see `seal-agent history`)")
+        self.model, self.version = self.build(version), version
+        if not verify:
+            return None
+        fp = fingerprints(self.model, self.tokenizer)
+        return {
+            "weights": fp["weights"] == row.fingerprint,
+            "logits": fp["logits"] == row.stats.get("logits_fingerprint"),
+        }
+
+    def build(self, version: int):
+        """A new model object holding `version`'s weights (the live one is not touched)."""
+        if self.state.version(version) is None:
             raise SealError(f"no version {version} (see `seal-agent history`)")
         chain = self.state.lineage(version)
         missing = [v for v in chain[1:] if not self.log.has(v)]
@@ -118,15 +131,8 @@ class LiveModel:
         for v in chain[start + 1 :]:
             model = merge_adapter(model, self.log.path(v))
         model.eval()
-        self.model, self.version = model, version
-        log.info("loaded version %d (%d merges) in %.1fs", version, len(chain) - 1 - start, time.perf_counter() - t0)
-        if not verify:
-            return None
-        fp = fingerprints(model, self.tokenizer)
-        return {
-            "weights": fp["weights"] == row.fingerprint,
-            "logits": fp["logits"] == row.stats.get("logits_fingerprint"),
-        }
+        log.info("built version %d (%d merges) in %.1fs", version, len(chain) - 1 - start, time.perf_counter() - t0)
+        return model
 
     def snapshot_if_due(self) -> int | None:
         """Consolidate the live weights when `snapshot_every` merges have piled up since the last snapshot."""

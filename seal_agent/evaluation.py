@@ -1,0 +1,299 @@
+"""The evaluation harness: the paper's Table 2 ladder on our model.
+
+`eval squad` (single-passage setting): every passage is learned independently
+from the same starting model, under each condition, and its questions are
+answered without the passage in context:
+
+    base              no update
+    passage           inner loop on the passage alone
+    self              inner loop on the active policy's self-edit (+ passage)
+    external:<name>   inner loop on another model's self-edit carried by the
+                      data file (`external_self_edits`), e.g. GPT-4.1's
+    in-context        no update, the passage in the prompt (the RAG ceiling)
+
+`eval cpt` (the paper's continued-pretraining setting): one update on the
+training data of N passages together, then all their questions.
+
+Scoring is pure logic (Wilson intervals, tallies) apart from the model work,
+so it is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import qa as qa_mod
+from .config import Config
+from .documents import Passage
+from .errors import SealError
+from .inner_loop import Example, train_adapter
+from .model.loader import generate_dtype, train_dtype
+from .policy import Policy
+from .self_edit import from_text, write_self_edits
+
+BASE, PASSAGE, SELF, IN_CONTEXT = "base", "passage", "self", "in-context"
+EXTERNAL = "external:"
+SIMPLE = (BASE, PASSAGE, SELF, IN_CONTEXT)
+DEFAULT_CONDITIONS = f"{BASE},{PASSAGE},{SELF},{EXTERNAL}gpt-4.1,{IN_CONTEXT}"
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sensible at 0 and n, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def parse_conditions(text: str, passages: list[Passage], cpt: bool = False) -> list[str]:
+    """Validate a comma-separated condition list against what the data carries."""
+    conditions = [c.strip() for c in text.split(",") if c.strip()]
+    if not conditions:
+        raise SealError("no conditions given")
+    allowed = (BASE, PASSAGE, SELF) if cpt else SIMPLE
+    for c in conditions:
+        if c.startswith(EXTERNAL):
+            name = c[len(EXTERNAL):]
+            missing = [i for i, p in enumerate(passages) if not p.external_self_edits.get(name)]
+            if missing:
+                have = sorted({k for p in passages for k in p.external_self_edits})
+                raise SealError(
+                    f"condition '{c}': passage(s) {missing[:5]} carry no external self-edit '{name}' "
+                    f"(the data has: {', '.join(have) or 'none'})"
+                )
+        elif c not in allowed:
+            raise SealError(f"unknown condition '{c}' (known: {', '.join(allowed)}, {EXTERNAL}<name>)")
+    if len(set(conditions)) != len(conditions):
+        raise SealError("a condition is listed twice")
+    return conditions
+
+
+@dataclass
+class Record:
+    """One answered question under one condition."""
+
+    condition: str
+    passage: int
+    title: str
+    question: str
+    gold: str
+    prediction: str
+    correct: bool
+    judge: bool | None = None
+
+
+@dataclass
+class ConditionResult:
+    condition: str
+    correct: int = 0
+    n: int = 0
+    seconds: float = 0.0
+    judge_correct: int | None = None
+    passages: int = 0
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        lo, hi = wilson_interval(self.correct, self.n)
+        out = {
+            "condition": self.condition,
+            "accuracy": round(self.accuracy, 4),
+            "n": self.n,
+            "correct": self.correct,
+            "ci95": [round(lo, 4), round(hi, 4)],
+            "seconds": round(self.seconds, 2),
+            "passages": self.passages,
+            "train_seconds": round(self.train_seconds, 2),
+            "train_tokens": self.train_tokens,
+        }
+        if self.judge_correct is not None:
+            out["judge_accuracy"] = round(self.judge_correct / self.n, 4) if self.n else 0.0
+        return out
+
+
+@dataclass
+class EvalRun:
+    kind: str  # squad | cpt
+    conditions: list[str]
+    results: dict[str, ConditionResult] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
+
+    def add(self, condition: str, records: list[Record], seconds: float, train: tuple[float, int] = (0.0, 0),
+            passages: int = 1) -> None:
+        r = self.results.setdefault(condition, ConditionResult(condition))
+        r.n += len(records)
+        r.correct += sum(x.correct for x in records)
+        r.seconds += seconds
+        r.passages += passages
+        r.train_seconds += train[0]
+        r.train_tokens += train[1]
+        judged = [x.judge for x in records if x.judge is not None]
+        if judged:
+            r.judge_correct = (r.judge_correct or 0) + sum(judged)
+        self.records.extend(records)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [self.results[c].as_dict() for c in self.conditions if c in self.results]
+
+
+class Evaluator:
+    """Runs conditions on a starting model; every update is trained and then removed."""
+
+    def __init__(self, cfg: Config, model, tokenizer, policy: Policy, judge=None, seed: int = 0):
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.judge = judge
+        self.seed = seed
+        self.use_chat = cfg.model.use_chat_template
+        self.gen_dtype = generate_dtype(cfg)
+        self.train_dtype = train_dtype(cfg)
+
+    # -- building blocks -------------------------------------------------
+    def training_data(self, condition: str, passage: Passage, index: int) -> list[Example]:
+        if condition == PASSAGE:
+            return self.policy.examples("", passage.title, passage.text)
+        if condition == SELF:
+            [edit] = write_self_edits(self.model, self.tokenizer, self.policy, passage, use_chat=self.use_chat,
+                                      dtype=self.gen_dtype, seed=self.seed * 100_003 + index)
+            return edit.examples
+        if condition.startswith(EXTERNAL):
+            texts = passage.external_self_edits[condition[len(EXTERNAL):]]
+            return from_text(self.policy, passage, texts[(self.seed + index) % len(texts)]).examples
+        raise ValueError(condition)
+
+    def answer(self, model, passages: list[tuple[int, Passage]], condition: str) -> list[Record]:
+        questions = [(i, q) for i, p in passages for q in qa_mod.questions_of(p.title, p.questions, p.text)]
+        scored = qa_mod.evaluate(
+            model, self.tokenizer, [q for _, q in questions], self.cfg.qa, use_chat=self.use_chat,
+            compute_dtype=self.gen_dtype, in_context=condition == IN_CONTEXT,
+        )
+        records = [
+            Record(condition, i, s.question.title, s.question.question, s.question.answer, s.prediction, s.correct)
+            for (i, _), s in zip(questions, scored)
+        ]
+        if self.judge is not None:
+            for r in records:
+                r.judge = self.judge.grade(f"Topic: {r.title}\n{r.question}", r.gold, r.prediction)
+        return records
+
+    def updated_answers(self, examples: list[Example], passages: list[tuple[int, Passage]], condition: str,
+                        seed: int) -> tuple[list[Record], float, int]:
+        """Train an adapter on `examples`, answer, remove the adapter."""
+        candidate, stats = train_adapter(self.model, self.tokenizer, examples, self.cfg.lora, self.cfg.train,
+                                         seed=seed, compute_dtype=self.train_dtype)
+        try:
+            return self.answer(candidate, passages, condition), stats.seconds, stats.tokens
+        finally:
+            candidate.unload()
+
+    # -- the two settings ------------------------------------------------
+    def squad(self, passages: list[Passage], conditions: list[str], progress: Progress) -> EvalRun:
+        run = EvalRun("squad", conditions)
+        for index, passage in enumerate(passages):
+            progress("passage", {"index": index, "total": len(passages), "title": passage.title})
+            for condition in conditions:
+                t0 = time.perf_counter()
+                if condition in (BASE, IN_CONTEXT):
+                    records, train = self.answer(self.model, [(index, passage)], condition), (0.0, 0)
+                else:
+                    examples = self.training_data(condition, passage, index)
+                    records, secs, toks = self.updated_answers(examples, [(index, passage)], condition,
+                                                               seed=self.seed + index)
+                    train = (secs, toks)
+                run.add(condition, records, time.perf_counter() - t0, train)
+                progress("condition", {"index": index, "condition": condition,
+                                       "correct": sum(r.correct for r in records), "n": len(records)})
+        return run
+
+    def cpt(self, passages: list[Passage], conditions: list[str], progress: Progress) -> EvalRun:
+        run = EvalRun("cpt", conditions)
+        indexed = list(enumerate(passages))
+        for condition in conditions:
+            progress("condition-start", {"condition": condition})
+            t0 = time.perf_counter()
+            if condition == BASE:
+                records, train = self.answer(self.model, indexed, condition), (0.0, 0)
+            else:
+                examples = [ex for i, p in indexed for ex in self.training_data(condition, p, i)]
+                records, secs, toks = self.updated_answers(examples, indexed, condition, seed=self.seed)
+                train = (secs, toks)
+            run.add(condition, records, time.perf_counter() - t0, train, passages=len(passages))
+            progress("condition", {"condition": condition, "correct": sum(r.correct for r in records),
+                                   "n": len(records)})
+        return run
+
+
+# -- output files ----------------------------------------------------------
+
+def write_outputs(run: EvalRun, out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """answers.jsonl (one line per question and condition), results.json, chart.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    answers = out_dir / "answers.jsonl"
+    with answers.open("w", encoding="utf-8") as f:
+        for r in run.records:
+            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+    results = out_dir / "results.json"
+    results.write_text(json.dumps({**meta, "kind": run.kind, "results": run.rows()}, indent=2) + "\n")
+    chart = out_dir / "chart.png"
+    bar_chart(run.rows(), chart, title=meta.get("title", f"seal-agent eval {run.kind}"))
+    return {"answers": answers, "results": results, "chart": chart}
+
+
+def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["condition"] for r in rows]
+    acc = [100 * r["accuracy"] for r in rows]
+    lo = [100 * (r["accuracy"] - r["ci95"][0]) for r in rows]
+    hi = [100 * (r["ci95"][1] - r["accuracy"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 4.2), dpi=110)
+    bars = ax.bar(names, acc, yerr=[lo, hi], capsize=4, color="#4C72B0", edgecolor="black", linewidth=0.6)
+    for bar, value, r in zip(bars, acc, rows):
+        ax.text(bar.get_x() + bar.get_width() / 2, 1, f"{value:.1f}%\nn={r['n']}", ha="center", va="bottom",
+                fontsize=8, color="white")
+    ax.set_ylabel("no-context accuracy (%)  [95% Wilson CI]")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelrotation=15, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def passage_subset(passages: list[Passage], n: int | None) -> list[Passage]:
+    """The first n passages (the data files are already in a fixed random order)."""
+    return passages if n is None else passages[:n]
+
+
+def _ignore(_stage: str, _info: dict[str, Any]) -> None:
+    pass
+
+
+def run_eval(kind: str, cfg: Config, model, tokenizer, policy: Policy, passages: list[Passage],
+             conditions: list[str], *, judge=None, seed: int = 0, progress: Progress = _ignore) -> EvalRun:
+    torch.manual_seed(seed)
+    evaluator = Evaluator(cfg, model, tokenizer, policy, judge=judge, seed=seed)
+    if kind == "cpt":
+        return evaluator.cpt(passages, conditions, progress)
+    return evaluator.squad(passages, conditions, progress)
