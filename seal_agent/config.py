@@ -83,7 +83,13 @@ class LoraConfig:
 class TrainConfig:
     epochs: int = 10
     lr: float = 1e-3
+    # Rows per optimizer step: examples, or packed rows when pack_tokens > 0.
     batch_size: int = 1
+    # Pack examples into rows of up to this many tokens (0 = one example per
+    # row). Packed examples cannot attend to each other (block-diagonal causal
+    # attention via reset position ids), so the update learns the same thing
+    # with fewer, larger matmuls.
+    pack_tokens: int = 0
     # Sequences are truncated to this many tokens.
     max_length: int = 2048
     # "all": loss on every token of a training sequence (the paper's recipe);

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -114,23 +115,70 @@ def tokenize(tokenizer, examples: list[Example], max_length: int, loss_on: str, 
     return out
 
 
-def _batches(data, batch_size: int, generator: torch.Generator, pad_id: int):
+def _rows(data, order: list[int], pack_tokens: int):
+    """Group examples (in `order`) into rows: one each, or packed up to `pack_tokens`.
+    A packed row restarts position ids at every example, which transformers turns
+    into block-diagonal causal attention; the first label of each later example is
+    masked so no example is trained to predict the next one's first token."""
+    if pack_tokens <= 0:
+        for i in order:
+            yield data[i][0], data[i][1], None
+        return
+    current: list[int] = []
+    size = 0
+    for i in order + [None]:
+        n = len(data[i][0]) if i is not None else 0
+        if current and (i is None or size + n > pack_tokens):
+            ids = torch.cat([data[j][0] for j in current])
+            labels = torch.cat([data[j][1] for j in current])
+            positions = torch.cat([torch.arange(len(data[j][0])) for j in current])
+            starts = torch.cumsum(torch.tensor([len(data[j][0]) for j in current]), 0)[:-1]
+            labels[starts] = -100
+            yield ids, labels, positions
+            current, size = [], 0
+        if i is not None:
+            current.append(i)
+            size += n
+
+
+class Batch(NamedTuple):
+    ids: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor | None  # attention mask, for padded unpacked rows
+    positions: torch.Tensor | None  # position ids, for packed rows
+    tokens: int  # real (non-padding) tokens
+
+
+def _batches(data, batch_size: int, generator: torch.Generator, pad_id: int, pack_tokens: int = 0):
+    """One Batch per optimizer step, in a fresh random order each call (epoch)."""
     order = torch.randperm(len(data), generator=generator).tolist()
-    for start in range(0, len(order), batch_size):
-        chunk = [data[i] for i in order[start : start + batch_size]]
+    rows = list(_rows(data, order, pack_tokens))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        packed = chunk[0][2] is not None
         if len(chunk) == 1:
-            ids, labels = chunk[0]
-            yield ids[None], labels[None], None
+            ids, labels, pos = chunk[0]
+            yield Batch(ids[None], labels[None], None, None if pos is None else pos[None], len(ids))
             continue
-        width = max(len(ids) for ids, _ in chunk)
+        width = max(len(ids) for ids, _, _ in chunk)
         ids = torch.full((len(chunk), width), pad_id)
         labels = torch.full((len(chunk), width), -100)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (i, l) in enumerate(chunk):
+        positions = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (i, lab, pos) in enumerate(chunk):
             ids[row, : len(i)] = i
-            labels[row, : len(l)] = l
+            labels[row, : len(lab)] = lab
             mask[row, : len(i)] = 1
-        yield ids, labels, mask
+            if packed:
+                # Padding continues the last example's positions: it is never
+                # attended to by real tokens (causal) and carries no labels.
+                tail = torch.arange(pos[-1] + 1, pos[-1] + 1 + width - len(i))
+                positions[row] = torch.cat([pos, tail])
+        tokens = int(mask.sum())
+        if packed:  # an attention mask would switch off packed-sequence detection
+            yield Batch(ids, labels, None, positions, tokens)
+        else:
+            yield Batch(ids, labels, mask, None, tokens)
 
 
 def train(
@@ -151,7 +199,8 @@ def train(
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    n_rows = sum(1 for _ in _rows(data, list(range(len(data))), cfg.pack_tokens))
+    steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -161,13 +210,13 @@ def train(
     try:
         for _epoch in range(cfg.epochs):
             epoch_loss, epoch_n = 0.0, 0
-            for ids, labels, mask in _batches(data, cfg.batch_size, generator, pad_id):
-                ids, labels = ids.to(device), labels.to(device)
+            for batch in _batches(data, cfg.batch_size, generator, pad_id, cfg.pack_tokens):
                 with autocast(compute_dtype, device.type):
                     out = model(
-                        input_ids=ids,
-                        attention_mask=None if mask is None else mask.to(device),
-                        labels=labels,
+                        input_ids=batch.ids.to(device),
+                        attention_mask=None if batch.mask is None else batch.mask.to(device),
+                        position_ids=None if batch.positions is None else batch.positions.to(device),
+                        labels=batch.labels.to(device),
                         use_cache=False,
                     )
                 loss = out.loss
@@ -183,7 +232,7 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 stats.steps += 1
-                stats.tokens += int(ids.numel() if mask is None else mask.sum())
+                stats.tokens += batch.tokens
                 epoch_loss += loss.item()
                 epoch_n += 1
                 if on_step:
