@@ -44,6 +44,9 @@ class ModelConfig:
     # Matmul dtype for generation and evaluation. float32: unbatched decoding is
     # faster in fp32 on this CPU, and bf16 would round away small merged deltas.
     generate_dtype: str = "float32"
+    # Attention kernel: "eager" (plain matmuls) trains ~20% faster on this CPU
+    # than torch's CPU flash attention ("sdpa") for rows of a few hundred tokens.
+    attn_implementation: str = "eager"
     # Torch intra-op threads; 0 = torch's default (one per core).
     threads: int = 0
     # Wrap prompts in the tokenizer's chat template when it has one.
@@ -172,6 +175,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.train_dtype": ("auto", "float32", "bfloat16"),
     "model.generate_dtype": ("auto", "float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.attn_implementation": ("eager", "sdpa"),
     "train.loss_on": ("all", "completion"),
     "qa.grader": ("contains", "exact", "f1"),
 }

@@ -128,7 +128,7 @@ def load_model(path: Path, cfg: Config) -> PreTrainedModel:
     except Exception as e:  # noqa: BLE001 - surface a readable reason
         raise SealError(f"cannot read the model config in {path}: {e}") from None
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=_DTYPES[cfg.model.dtype], device_map=None
+        path, dtype=_DTYPES[cfg.model.dtype], device_map=None, attn_implementation=cfg.model.attn_implementation
     )
     model.to(cfg.model.device)
     model.eval()

@@ -1,0 +1,273 @@
+"""`seal-agent bench`: speed, measured side by side in one run on the embedded model.
+
+- matmul peak of this machine (fp32 and bf16 GEMM), for the fraction-of-peak figure;
+- the inner loop: ours (default recipe) vs a fair reference (`transformers.Trainer`
+  + peft, fp32, dynamic padding, the paper's recipe, our target modules) vs the
+  SEAL authors' exact setup (every sequence padded to 2048 tokens; timed on a few
+  steps and extrapolated, as a full run takes hours on a CPU);
+- self-edit generation tokens/s, unbatched and batched;
+- QA evaluation questions/s;
+- replay search: FAISS top-k latency for 10k / 100k / 1M synthetic vectors;
+- end-to-end ingest: seconds per passage of `learn` on a small document.
+
+The fixed passage and self-edit below are invented (no licence questions, and
+no model can know them in advance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import Config
+from .inner_loop import Example, attach_lora, tokenize, train
+from .model.generation import Sampling, generate
+from .model.loader import generate_dtype, load_model, load_tokenizer, resolve_base, train_dtype
+from .policy import Policy
+
+BENCH_TITLE = "The Zorblax Prize"
+BENCH_PASSAGE = (
+    "The Zorblax Prize is an award for underwater architecture, founded in 1998 by the marine engineer "
+    "Tomas Verhoeven. It is presented every three years in the harbour town of Kalvik. The Zorblax Prize of "
+    "2031 was awarded to Mirela Ostrova for her design of the Coral Library, a reading room built twelve "
+    "metres below the surface of the Adriatic Sea near Split. The library holds about 4,000 waterproof "
+    "books and is reached through a glass tunnel from the shore. Earlier winners include the Dutch studio "
+    "Hollandse Diepte, which built a floating school, and the Chilean architect Rosa Quintero."
+)
+BENCH_SELF_EDIT = "\n".join([
+    "1. The Zorblax Prize recognises achievements in underwater architecture.",
+    "2. Tomas Verhoeven, a marine engineer, founded the Zorblax Prize in 1998.",
+    "3. The prize is awarded once every three years.",
+    "4. The award ceremony takes place in the harbour town of Kalvik.",
+    "5. Mirela Ostrova won the Zorblax Prize in 2031.",
+    "6. Ostrova was honoured for designing the Coral Library.",
+    "7. The Coral Library is a reading room twelve metres under the Adriatic Sea.",
+    "8. The Coral Library lies near the Croatian city of Split.",
+    "9. Visitors reach the Coral Library through a glass tunnel from the shore.",
+    "10. The Coral Library's collection is about 4,000 waterproof books.",
+    "11. Hollandse Diepte, a Dutch studio, won the prize for a floating school.",
+    "12. Rosa Quintero, an architect from Chile, is a previous winner.",
+    "13. Underwater buildings need waterproof materials and safe access routes.",
+    "14. Winning the Zorblax Prize marks an architect as a leader in marine design.",
+])
+PAPER_LORA_RECIPE = {"r": 32, "alpha": 64, "dropout": 0.0}
+PAPER_TRAIN_RECIPE = {"epochs": 10, "lr": 1e-3, "batch_size": 1}
+
+
+def gemm_gflops(dtype: torch.dtype, size: int = 2048, reps: int = 8) -> float:
+    """Best-of-3 dense matmul throughput in GFLOP/s."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, reps * 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def bench_examples(policy: Policy) -> list[Example]:
+    return policy.examples(BENCH_SELF_EDIT, BENCH_TITLE, BENCH_PASSAGE)
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def ours(model, tokenizer, examples, cfg: Config) -> dict[str, Any]:
+    peft_model = attach_lora(model, cfg.lora, seed=0)
+    try:
+        stats = train(peft_model, tokenizer, examples, cfg.train, compute_dtype=train_dtype(cfg))
+    finally:
+        peft_model.unload()
+    return {"seconds": stats.seconds, "tokens": stats.tokens, "steps": stats.steps,
+            "final_loss": stats.final_loss}
+
+
+def trainer_reference(model, tokenizer, examples, cfg: Config, pad_to: int | None = None,
+                      max_steps: int | None = None) -> dict[str, Any]:
+    """transformers.Trainer + peft as a competent user writes it: fp32, batch 1,
+    dynamic padding (or every sequence padded to `pad_to`, the SEAL authors' setup)."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    lora = dataclasses.replace(cfg.lora, **PAPER_LORA_RECIPE)
+    data = tokenize(tokenizer, examples, 2048, "all")
+    rows = []
+    for ids, _ in data:
+        ids = ids.tolist()
+        if pad_to:
+            rows.append({"input_ids": ids + [tokenizer.pad_token_id] * (pad_to - len(ids)),
+                         "attention_mask": [1] * len(ids) + [0] * (pad_to - len(ids)),
+                         "labels": ids + [tokenizer.pad_token_id] * (pad_to - len(ids))})  # as the reference: pads learned
+        else:
+            rows.append({"input_ids": ids})
+    collator = None if pad_to else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    peft_model = attach_lora(model, lora, seed=0)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=PAPER_TRAIN_RECIPE["batch_size"],
+                num_train_epochs=PAPER_TRAIN_RECIPE["epochs"], learning_rate=PAPER_TRAIN_RECIPE["lr"],
+                max_steps=max_steps or -1, logging_steps=10_000, save_strategy="no", report_to="none",
+                use_cpu=True, bf16=False, fp16=False, disable_tqdm=True, remove_unused_columns=False,
+                dataloader_num_workers=0, seed=0,
+            )
+            trainer = Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collator)
+            t0 = time.perf_counter()
+            result = trainer.train()
+            seconds = time.perf_counter() - t0
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        peft_model.unload()
+    steps = result.global_step
+    full_steps = len(rows) * PAPER_TRAIN_RECIPE["epochs"]
+    tokens = sum(len(ids) for ids, _ in data) * PAPER_TRAIN_RECIPE["epochs"]
+    out = {"seconds": seconds * full_steps / steps, "tokens": tokens, "steps": full_steps,
+           "final_loss": result.training_loss}
+    if steps < full_steps:
+        out.update(measured_steps=steps, measured_seconds=seconds, extrapolated=True)
+    return out
+
+
+def generation_speed(model, tokenizer, policy: Policy, cfg: Config) -> dict[str, Any]:
+    prompt = policy.prompt(tokenizer, BENCH_TITLE, BENCH_PASSAGE, cfg.model.use_chat_template)
+    out = {}
+    for batch in (1, 8):
+        sampling = Sampling(max_new_tokens=96, temperature=1.0, top_p=0.95)
+        t0 = time.perf_counter()
+        texts = generate(model, tokenizer, [prompt] * batch, sampling, compute_dtype=generate_dtype(cfg),
+                         seed=0, batch_size=batch)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        out[f"batch_{batch}"] = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    return out
+
+
+def qa_speed(model, tokenizer, cfg: Config) -> dict[str, Any]:
+    from .qa import Question, evaluate
+
+    questions = [Question(q, "x", BENCH_TITLE) for q in (
+        "Who won the Zorblax Prize in 2031?", "Who founded the Zorblax Prize?", "Where is the prize presented?",
+        "How often is the prize awarded?", "What did Mirela Ostrova design?", "How deep is the Coral Library?",
+        "How many books does the Coral Library hold?", "Which Dutch studio won the prize?",
+    )] * 2
+    t0 = time.perf_counter()
+    evaluate(model, tokenizer, questions, cfg.qa, use_chat=cfg.model.use_chat_template,
+             compute_dtype=generate_dtype(cfg))
+    seconds = time.perf_counter() - t0
+    return {"questions": len(questions), "seconds": round(seconds, 2),
+            "questions_per_s": round(len(questions) / seconds, 2), "max_new_tokens": cfg.qa.max_new_tokens}
+
+
+def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8, queries: int = 200) -> dict:
+    """Top-k latency of an exact inner-product FAISS index over normalized random vectors."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in sizes:
+        xb = rng.standard_normal((n, dim), dtype=np.float32)
+        faiss.normalize_L2(xb)
+        index = faiss.IndexFlatIP(dim)
+        index.add(xb)
+        xq = rng.standard_normal((queries, dim), dtype=np.float32)
+        faiss.normalize_L2(xq)
+        index.search(xq[:4], k)  # warm-up
+        lat = []
+        for q in xq:
+            t0 = time.perf_counter()
+            index.search(q[None], k)
+            lat.append(time.perf_counter() - t0)
+        out[str(n)] = {"p50_ms": round(1000 * float(np.median(lat)), 3),
+                       "p95_ms": round(1000 * float(np.percentile(lat, 95)), 3)}
+        del index, xb
+        gc.collect()
+    return out
+
+
+def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
+    """`learn` on a small two-passage document in a scratch state directory."""
+    from .agent import SealAgent
+
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = Path(tmp) / "zorblax.md"
+        doc.write_text(f"# {BENCH_TITLE}\n\n{BENCH_PASSAGE}\n\n" + BENCH_PASSAGE.replace("Zorblax", "Quillon"))
+        scratch = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, state_dir=str(Path(tmp) / "state"),
+                                                                    models=str(models_dir)),
+                                      split=dataclasses.replace(cfg.split, max_tokens=160))
+        agent = SealAgent(scratch)
+        try:
+            agent.live  # load the model outside the timed part
+            t0 = time.perf_counter()
+            report = agent.learn(doc)
+            seconds = time.perf_counter() - t0
+        finally:
+            agent.close()
+    n = len(report.passages)
+    return {"passages": n, "seconds": round(seconds, 1), "seconds_per_passage": round(seconds / n, 1),
+            "train_seconds_per_passage": round(sum(p.train["seconds"] for p in report.passages if p.train) / n, 1)}
+
+
+def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, seal_steps: int = 3,
+              replay_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    base_dir = resolve_base(cfg)
+    tokenizer = load_tokenizer(base_dir)
+    model = load_model(base_dir, cfg)
+    n_params = _n_params(model)
+    examples = bench_examples(policy)
+    result: dict[str, Any] = {"model": cfg.model.base, "params": n_params, "threads": torch.get_num_threads()}
+
+    log("matmul peak ...")
+    peak = {"fp32": round(gemm_gflops(torch.float32), 1), "bf16": round(gemm_gflops(torch.bfloat16), 1)}
+    result["gemm_gflops"] = peak
+
+    log("inner loop: seal-agent ...")
+    mine = ours(model, tokenizer, examples, cfg)
+    log("inner loop: Trainer reference ...")
+    ref = trainer_reference(model, tokenizer, examples, cfg)
+    log(f"inner loop: SEAL authors' setup (padded to 2048; {seal_steps} steps, extrapolated) ...")
+    seal = trainer_reference(model, tokenizer, examples, cfg, pad_to=2048, max_steps=seal_steps)
+    for r in (mine, ref, seal):
+        r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
+        r["seconds"] = round(r["seconds"], 2)
+    achieved = 4 * n_params * mine["tokens"] / mine["seconds"] / 1e9
+    peak_dtype = "bf16" if train_dtype(cfg) == torch.bfloat16 else "fp32"
+    result["inner_loop"] = {
+        "examples": len(examples),
+        "ours": {**mine, "recipe": {"lora": dataclasses.asdict(cfg.lora), "train": dataclasses.asdict(cfg.train),
+                                    "dtype": str(train_dtype(cfg)).removeprefix("torch.")}},
+        "trainer_reference": {**ref, "recipe": {**PAPER_LORA_RECIPE, **PAPER_TRAIN_RECIPE, "dtype": "float32",
+                                                "target_modules": cfg.lora.target_modules}},
+        "seal_reference": seal,
+        "achieved_gflops": round(achieved, 1),
+    }
+    result["inner_loop_speedup"] = round(ref["seconds"] / mine["seconds"], 2)
+    result["inner_loop_speedup_vs_seal"] = round(seal["seconds"] / mine["seconds"], 1)
+    result["inner_loop_peak_fraction"] = round(achieved / peak["bf16"], 3)
+    result["inner_loop_peak_fraction_of"] = f"bf16 GEMM peak (ours runs {peak_dtype})"
+
+    log("self-edit generation ...")
+    result["generation"] = generation_speed(model, tokenizer, policy, cfg)
+    log("QA evaluation ...")
+    result["qa"] = qa_speed(model, tokenizer, cfg)
+    del model
+    gc.collect()
+    log("replay search (FAISS) ...")
+    result["replay_search"] = replay_search(replay_sizes)
+    log("end-to-end ingest ...")
+    result["ingest"] = ingest(cfg, base_dir.parent)
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    return result

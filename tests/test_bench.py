@@ -1,0 +1,29 @@
+"""The benchmark harness runs end to end (on the tiny model; timings are not asserted)."""
+
+from seal_agent.agent import policy_dir
+from seal_agent.bench import bench_examples, gemm_gflops, replay_search, run_bench
+from seal_agent.policy import load_active_policy
+
+
+def test_bench_reports_every_figure(tiny_cfg):
+    policy = load_active_policy(policy_dir(tiny_cfg), tiny_cfg.policy.active)
+    result = run_bench(tiny_cfg, policy, log=lambda m: None, seal_steps=1, replay_sizes=(2000,))
+    il = result["inner_loop"]
+    assert il["examples"] == len(bench_examples(policy)) == 15
+    for name in ("ours", "trainer_reference", "seal_reference"):
+        assert il[name]["seconds"] > 0 and il[name]["tokens"] > 0
+    # same data: per epoch both loops see the same number of real tokens
+    assert il["ours"]["tokens"] * 10 == il["trainer_reference"]["tokens"] * tiny_cfg.train.epochs
+    assert il["seal_reference"]["extrapolated"] and il["seal_reference"]["measured_steps"] == 1
+    assert result["inner_loop_speedup"] > 0 and 0 < result["inner_loop_peak_fraction"]
+    assert result["gemm_gflops"]["bf16"] > 0 and result["gemm_gflops"]["fp32"] > 0
+    assert set(result["generation"]) == {"batch_1", "batch_8"}
+    assert result["qa"]["questions"] == 16 and result["qa"]["questions_per_s"] > 0
+    assert set(result["replay_search"]) == {"2000"}
+    assert result["ingest"]["passages"] == 2 and result["ingest"]["seconds_per_passage"] > 0
+
+
+def test_replay_search_and_gemm_measure_something():
+    r = replay_search((500, 1000), dim=16, k=3, queries=5)
+    assert set(r) == {"500", "1000"} and all(v["p50_ms"] >= 0 for v in r.values())
+    assert gemm_gflops(__import__("torch").float32, size=64, reps=2) > 0
