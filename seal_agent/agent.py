@@ -18,7 +18,8 @@ from .learner import DocumentReport, Learner, Progress, _noop
 from .model.live import LiveModel
 from .model.loader import generate_dtype
 from .policy import Policy, load_active_policy
-from .qa import Question, answer
+from .qa import Question, answer, evaluate
+from .replay import ReplayBank
 from .state import State
 
 # Nothing is ever fetched from a model hub.
@@ -40,10 +41,15 @@ class SealAgent:
         self.cfg = cfg
         # Validate the policy before anything slow or stateful happens.
         self.policy: Policy = load_active_policy(policy_dir(cfg), cfg.policy.active)
+        self.qa_policy: Policy | None = (
+            load_active_policy(policy_dir(cfg), cfg.replay.qa_policy)
+            if cfg.replay.enabled and cfg.replay.generate_qas else None
+        )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.state = State(cfg.state_path("database"))
         self.log = AdapterLog(cfg.state_path("adapters") / "knowledge")
         self._live: LiveModel | None = None
+        self._bank: ReplayBank | None = None
 
     def close(self) -> None:
         self.state.close()
@@ -55,6 +61,15 @@ class SealAgent:
         self._live.ensure_loaded()
         return self._live
 
+    @property
+    def bank(self) -> ReplayBank:
+        """The replay QA bank (loads the embedding model on first use)."""
+        if self._bank is None:
+            from .embedding import load_embedder
+
+            self._bank = ReplayBank(self.state, load_embedder(self.cfg), self.cfg.state_path("replay_index"))
+        return self._bank
+
     def model_at(self, version: int):
         """(model, tokenizer) holding `version`'s weights, apart from the live model."""
         if self._live is None:
@@ -62,8 +77,12 @@ class SealAgent:
         return self._live.build(version), self._live.tokenizer
 
     # -- verbs -----------------------------------------------------------
+    def learner(self, external: str | None = None) -> Learner:
+        bank = self.bank if self.cfg.replay.enabled else None
+        return Learner(self.cfg, self.state, self.live, self.policy, bank, self.qa_policy, external=external)
+
     def learn(self, path: Path, progress: Progress = _noop, max_passages: int | None = None) -> DocumentReport:
-        return Learner(self.cfg, self.state, self.live, self.policy).learn_file(path, progress, max_passages)
+        return self.learner().learn_file(path, progress, max_passages)
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
         live = self.live
@@ -94,6 +113,50 @@ class SealAgent:
                 "policy": stats.get("policy"),
             })
         return out
+
+    # -- replay bank -------------------------------------------------------
+    def _lineage(self) -> list[int]:
+        live = self.state.live_version()
+        return self.state.lineage(live) if live is not None else []
+
+    def replay_stats(self) -> dict[str, Any]:
+        return {**self.bank.stats(self._lineage()), "live_version": self.state.live_version()}
+
+    def replay_search(self, text: str, k: int = 8) -> list[dict[str, Any]]:
+        out = []
+        for q, score in self.bank.search(text, k):
+            doc = self.state.document(q.document_id) if q.document_id is not None else None
+            out.append({"id": q.id, "score": round(score, 4), "question": q.question, "answer": q.answer,
+                        "title": q.title, "source": q.source, "version": q.version,
+                        "document": doc["path"] if doc else None})
+        return out
+
+    def replay_check(self, sample: int | None = None, seed: int = 0) -> dict[str, Any]:
+        """Ask the live model the bank's active QAs (all, or a random sample);
+        accuracy per document. Results are cached for the live version."""
+        import random
+
+        live = self.live
+        qas = self.bank.active(self._lineage())
+        if sample is not None and sample < len(qas):
+            qas = sorted(random.Random(seed).sample(qas, sample), key=lambda q: q.id)
+        scored = evaluate(live.model, live.tokenizer, [Question(q.question, q.answer, q.title) for q in qas],
+                          self.cfg.qa, use_chat=self.cfg.model.use_chat_template,
+                          compute_dtype=generate_dtype(self.cfg))
+        self.bank.record(live.version, [(q.id, s.correct, s.prediction) for q, s in zip(qas, scored)])
+        per_doc: dict[int | None, list[bool]] = {}
+        for q, s in zip(qas, scored):
+            per_doc.setdefault(q.document_id, []).append(s.correct)
+        documents = []
+        for doc_id, marks in per_doc.items():
+            doc = self.state.document(doc_id) if doc_id is not None else None
+            documents.append({"document_id": doc_id, "document": doc["path"] if doc else None,
+                              "title": doc["title"] if doc else None, "n": len(marks),
+                              "accuracy": round(sum(marks) / len(marks), 4)})
+        n = len(scored)
+        return {"version": live.version, "n": n,
+                "accuracy": round(sum(s.correct for s in scored) / n, 4) if n else None,
+                "documents": documents}
 
     def rollback(self, version: int) -> dict[str, Any]:
         """Make `version` live again, rebuilt and checked against its recorded fingerprints."""

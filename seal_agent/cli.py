@@ -135,15 +135,19 @@ class _LearnProgress:
             self.doc_task = p.add_task(f"{info['title'][:40]}", total=info["passages"])
         elif stage == "passage":
             p.update(self.doc_task, description=f"passage {info['index'] + 1}/{info['total']}")
-        elif stage in ("self-edit", "qa-before", "qa-after"):
+        elif stage in ("self-edit", "questions", "qa-before", "replay-before", "replay"):
             p.update(self.doc_task, description=f"passage {info['index'] + 1}: {stage}")
         elif stage == "train":
-            p.update(self.doc_task, description=f"passage {info['index'] + 1}: training on {info['examples']} sequences")
+            if self.step_task is not None:
+                p.remove_task(self.step_task)
+            attempt = f" (attempt {info['attempt']}, with rehearsal)" if info.get("attempt", 1) > 1 else ""
+            p.update(self.doc_task, description=f"passage {info['index'] + 1}: training on "
+                                                f"{info['examples']} sequences{attempt}")
             self.step_task = p.add_task("  inner loop", total=None)
         elif stage == "step":
             p.update(self.step_task, total=info["total"], completed=info["step"],
                      description=f"  inner loop, loss {info['loss']:.3f}")
-        elif stage in ("learned", "duplicate", "failed"):
+        elif stage in ("learned", "duplicate", "failed", "rejected"):
             if self.step_task is not None:
                 p.remove_task(self.step_task)
                 self.step_task = None
@@ -154,15 +158,28 @@ def _print_learn(report: dict[str, Any]) -> None:
     qa = report.get("qa")
     parts = [
         f"[bold]{report['document']}[/bold] ({report['title']}): "
-        f"{report['learned']} learned, {report['duplicates']} already known, {report['failed']} failed "
-        f"of {report['passages']} passage(s); live version {report['version']}",
+        f"{report['learned']} learned, {report['duplicates']} already known, {report['failed']} failed, "
+        f"{report['rejected']} rejected for forgetting of {report['passages']} passage(s); "
+        f"live version {report['version']}",
         f"  self-edits: {report['self_edit']['items']} items, {report['self_edit']['chars']} chars; "
         f"training {report['train_seconds']:.1f}s; total {report['seconds']:.1f}s",
     ]
     if qa:
         after = "n/a" if qa["after"] is None else f"{qa['after']:.1%}"
         parts.append(f"  questions ({qa['n']}, no passage in context): before {qa['before']:.1%} -> after {after}")
+    f = report.get("forgetting")
+    if f and f["replay_n"]:
+        parts.append(
+            f"  forgetting check: {f['replay_n']} replay questions, accuracy {f['before']:.1%} -> {f['after']:.1%}, "
+            f"{len(f['flipped'])} forgotten; {f['attempts']} training attempt(s); {f['decision']}")
     for p in report["passage_reports"]:
+        gen = p.get("qa_generated")
+        if gen is not None:
+            parts.append(f"  passage {p['index'] + 1}: wrote {gen['generated']} questions, {gen['grounded']} grounded "
+                         f"in the passage, {gen['kept']} kept"
+                         + ("" if p["checked"] else " [yellow](unchecked: no usable questions)[/yellow]"))
+        if p["status"] == "rejected-forgetting":
+            parts.append(f"  passage {p['index'] + 1}: [red]rejected[/red]: {p['error']}")
         if p["status"] == "duplicate":
             parts.append(f"  passage {p['index'] + 1}: already learned in version {p['duplicate_of']} (skipped)")
         elif p["status"] == "failed":
@@ -293,6 +310,81 @@ def rollback(ctx: click.Context, version: int, as_json: bool) -> None:
     )
 
 
+# -- replay --------------------------------------------------------------
+
+@main.group()
+def replay() -> None:
+    """The replay QA bank: questions about everything learned, used to catch forgetting."""
+
+
+@replay.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
+@global_options
+@click.pass_context
+@handle_errors
+def replay_stats(ctx: click.Context, as_json: bool) -> None:
+    """Size of the bank: QAs, documents, passages, sources, index."""
+    s = _agent(ctx).replay_stats()
+    if as_json:
+        emit_json(s)
+        return
+    sources = ", ".join(f"{n} {k}" for k, n in sorted(s["by_source"].items())) or "none"
+    out.print(f"{s['qas']} QAs ({sources}) from {s['passages']} passages of {s['documents']} documents; "
+              f"{s['active_qas']} on the live line (version {s['live_version']}); "
+              f"index: {s['index_vectors']} vectors, {s['embedder']} ({s['dim']}-dim), {s['index_path']}",
+              highlight=False)
+
+
+@replay.command("search")
+@click.argument("text")
+@click.option("-k", "k", type=click.IntRange(min=1), default=8, show_default=True, help="How many QAs.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per QA.")
+@global_options
+@click.pass_context
+@handle_errors
+def replay_search(ctx: click.Context, text: str, k: int, as_json: bool) -> None:
+    """The k QAs nearest to TEXT (cosine similarity of sentence embeddings)."""
+    if not text.strip():
+        raise SealError("the search text is empty")
+    hits = _agent(ctx).replay_search(text, k)
+    if as_json:
+        for h in hits:
+            emit_json(h)
+        return
+    if not hits:
+        out.print("the replay bank is empty: learn a document first")
+        return
+    table = Table(title=f"nearest QAs to {text[:40]!r}")
+    for col in ("score", "question", "answer", "source", "version"):
+        table.add_column(col, overflow="fold")
+    for h in hits:
+        table.add_row(f"{h['score']:.3f}", h["question"], h["answer"], h["source"], str(h["version"]))
+    out.print(table)
+
+
+@replay.command("check")
+@click.option("--sample", type=click.IntRange(min=1), default=None, help="Ask only N random QAs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@global_options
+@click.pass_context
+@handle_errors
+def replay_check(ctx: click.Context, sample: int | None, as_json: bool) -> None:
+    """Ask the live model the bank's questions; accuracy overall and per document."""
+    r = _agent(ctx).replay_check(sample)
+    if as_json:
+        emit_json(r)
+        return
+    if not r["n"]:
+        out.print("the replay bank has no questions on the live line")
+        return
+    table = Table(title=f"version {r['version']}: {r['accuracy']:.1%} of {r['n']} replay questions")
+    for col in ("document", "questions", "accuracy"):
+        table.add_column(col, overflow="fold")
+    for d in r["documents"]:
+        table.add_row(Path(d["document"]).name if d["document"] else "?", str(d["n"]), f"{d['accuracy']:.1%}")
+    out.print(table)
+
+
 # -- eval ----------------------------------------------------------------
 
 DEFAULT_EVAL_DATA = "../shared/data/squad/eval_dev.json"
@@ -321,16 +413,11 @@ def _eval_options(f: Callable) -> Callable:
     return f
 
 
-def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, conditions: str, seed: int,
-              from_version: int, out_dir: Path | None, as_json: bool) -> None:
-    from datetime import datetime
-
+def _eval_passages(cfg: Config, data: Path | None, n: int | None) -> tuple[Path, list]:
+    """The first n passages with questions of a SQuAD-style file (default: the dev set)."""
     from .documents import read_document
-    from .evaluation import parse_conditions, passage_subset, run_eval, write_outputs
-    from .grading import Judge
+    from .evaluation import passage_subset
 
-    agent = _agent(ctx)
-    cfg = agent.cfg
     data = data or (cfg.root / DEFAULT_EVAL_DATA)
     if not data.exists():
         raise SealError(f"evaluation data {data} does not exist; pass --data FILE (SQuAD-style JSON)")
@@ -340,6 +427,19 @@ def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, c
     passages = [p for p in passage_subset(doc.passages, n) if p.questions]
     if not passages:
         raise SealError(f"{data}: no passages with questions")
+    return data, passages
+
+
+def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, conditions: str, seed: int,
+              from_version: int, out_dir: Path | None, as_json: bool) -> None:
+    from datetime import datetime
+
+    from .evaluation import parse_conditions, run_eval, write_outputs
+    from .grading import Judge
+
+    agent = _agent(ctx)
+    cfg = agent.cfg
+    data, passages = _eval_passages(cfg, data, n)
     conds = parse_conditions(conditions, passages, cpt=kind == "cpt")
     judge = Judge(cfg.judge) if cfg.judge.base_url else None
     model, tokenizer = agent.model_at(from_version)
@@ -406,6 +506,84 @@ def eval_squad(ctx, data, n, seed, from_version, out, as_json, conditions) -> No
 def eval_cpt(ctx, data, n, seed, from_version, out, as_json, conditions) -> None:
     """Continued-pretraining setting: one update on N passages together, then all their questions."""
     _run_eval(ctx, "cpt", data, n, conditions, seed, from_version, out, as_json)
+
+
+@eval_group.command("continual")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"SQuAD-style JSON/JSONL (default: {DEFAULT_EVAL_DATA} next to config.toml).")
+@click.option("--n", "n", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Learn the first N passages one after another.")
+@click.option("--gate", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="off: updates are checked and reported but always merged (the paper's setting).")
+@click.option("--self-edits", "self_edits", default="self", show_default=True,
+              help="'self' (the active policy writes them) or external:<name> from the data file.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for continual.json, heatmap.png and the run's state "
+                   "(default: STATE/eval/continual-TIME).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@global_options
+@click.pass_context
+@handle_errors
+def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
+    """Retention: learn N passages in sequence, after each step ask the questions of all learned so far.
+
+    Prints the lower-triangular accuracy matrix of the paper's continual
+    experiment (row: after step i; column: passage j) and writes a heatmap.
+    Runs in a fresh state directory: the live model is not touched.
+    """
+    from datetime import datetime
+
+    from .continual import heatmap, run_continual
+
+    cfg = _config(ctx)
+    data, passages = _eval_passages(cfg, data, n)
+    passages = passages[:n]
+    external = None
+    if self_edits != "self":
+        if not self_edits.startswith("external:"):
+            raise SealError(f"--self-edits must be 'self' or external:<name>, got '{self_edits}'")
+        external = self_edits.removeprefix("external:")
+        missing = [i for i, p in enumerate(passages) if not p.external_self_edits.get(external)]
+        if missing:
+            raise SealError(f"passage(s) {missing[:5]} of {data} carry no external self-edit '{external}'")
+    out_dir = out or cfg.state_dir / "state" / "eval" / f"continual-{datetime.now():%Y%m%d-%H%M%S}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = out_dir / f"state-gate-{gate}"
+    if state_dir.exists() and any(state_dir.iterdir()):
+        raise SealError(f"{state_dir} already holds a run; choose another --out")
+    # the base conversion is shared with the configured state directory
+    from .model.loader import resolve_base
+
+    resolve_base(cfg)
+
+    def on(stage: str, info: dict[str, Any]) -> None:
+        if stage == "learn":
+            err.print(f"[dim]step {info['step']}/{info['n']}: learning {info['title']}[/dim]")
+        elif stage == "row":
+            err.print(f"[dim]  {info['status']}; accuracy by passage: "
+                      + " ".join("-" if x is None else f"{x:.2f}" for x in info["row"]) + "[/dim]")
+
+    result = run_continual(cfg, passages, gate=gate == "on", state_dir=state_dir, external=external, progress=on)
+    result["data"] = str(data)
+    (out_dir / f"continual-gate-{gate}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    chart = out_dir / f"heatmap-gate-{gate}.png"
+    heatmap(result, chart, f"seal-agent eval continual: {n} passages, gate {gate}, self-edits {result['self_edits']}")
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title=f"accuracy after each step (gate {gate}; rows: after learning passage i)")
+    table.add_column("")
+    for j in range(len(passages)):
+        table.add_column(f"P{j + 1}")
+    for i, row in enumerate(result["matrix"]):
+        label = "base" if i == 0 else f"after {i}" + ("" if result["steps"][i - 1]["status"] == "learned" else " ✗")
+        cells = ["" if x is None or (i and j >= i) else f"{x:.2f}" for j, x in enumerate(row)]
+        table.add_row(label, *cells + [""] * (len(passages) - len(cells)))
+    out.print(table)
+    sm = result["summary"]
+    out.print(f"accepted {result['accepted']}, rejected {result['rejected']}; earlier passages: "
+              f"{sm.get('earlier_just_learned_mean')} just after learning -> {sm.get('earlier_final_mean')} at the end "
+              f"(forgetting {sm.get('forgetting')})\nheatmap: {chart}", highlight=False)
 
 
 # -- bench ---------------------------------------------------------------

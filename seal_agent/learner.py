@@ -4,13 +4,19 @@ For each passage (one update per passage, as in the paper):
   1. skip it if its content hash is already learned on the live line;
   2. the live model writes a self-edit with the active policy (recorded);
   3. the self-edit's items + the passage become training examples;
-  4. a fresh LoRA adapter is trained on the live weights (the inner loop);
-  5. the adapter is stored in the adapter log and merged into the live
-     weights; the database records the new version and makes it live in one
-     transaction.
+  4. the passage's QAs: its own questions, or model-written grounded ones;
+  5. a fresh LoRA adapter is trained on the live weights (the inner loop);
+  6. the forgetting check: the candidate answers the passage's QAs (the gain)
+     and a replay sample of earlier QAs (the k nearest to the passage and m at
+     random), compared with the live model on the same QAs. If it forgot more
+     than allowed, it is retrained with rehearsal of the passages behind the
+     forgotten and nearest QAs; if it still forgets, it is rejected and the
+     live weights stay exactly as they were;
+  7. an accepted adapter is stored in the adapter log and merged into the live
+     weights; the database records the new version, makes it live and adds
+     the passage's QAs to the replay bank in one transaction.
 A diverged update (NaN/inf) is discarded and the live weights stay as they were.
-When the document carries questions, accuracy on them is measured before and
-after (no passage in context, lexical grader).
+QA accuracy is measured with no passage in context and the lexical grader.
 """
 
 from __future__ import annotations
@@ -24,15 +30,18 @@ from typing import Any
 
 import torch
 
+from . import forgetting
 from . import qa as qa_mod
 from .config import Config, to_dict
 from .documents import Document, Passage, file_hash, read_document
 from .errors import TrainingDiverged
-from .inner_loop import TrainStats, train_adapter
+from .inner_loop import Example, TrainStats, train_adapter
 from .model.live import LiveModel, fingerprints
 from .model.loader import generate_dtype, train_dtype
 from .policy import Policy
-from .self_edit import write_self_edits
+from .qa_gen import generate_qas
+from .replay import BankQA, NewQA, ReplayBank
+from .self_edit import SelfEdit, from_text, write_self_edits
 from .state import State, VersionRow, now
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -46,7 +55,7 @@ def _noop(_stage: str, _info: dict[str, Any]) -> None:
 class PassageReport:
     index: int
     hash: str
-    status: str  # learned | duplicate | failed
+    status: str  # learned | duplicate | failed | rejected-forgetting
     version: int | None = None
     duplicate_of: int | None = None
     self_edit_chars: int = 0
@@ -55,6 +64,13 @@ class PassageReport:
     qa_before: float | None = None
     qa_after: float | None = None
     n_questions: int = 0
+    # Where the passage's QAs came from (gold | generated | none) and, when
+    # generated, how many were written, grounded in the passage, kept.
+    qa_source: str = "none"
+    qa_generated: dict[str, int] | None = None
+    # False when the update could not be checked (no QAs, nothing to replay).
+    checked: bool = False
+    forgetting: dict[str, Any] | None = None
     error: str | None = None
     seconds: float = 0.0
 
@@ -72,9 +88,32 @@ class DocumentReport:
     @property
     def status(self) -> str:
         statuses = {p.status for p in self.passages}
+        if "learned" not in statuses and "rejected-forgetting" in statuses:
+            return "rejected-forgetting"
         if "failed" in statuses and "learned" not in statuses:
             return "failed"
         return "done"
+
+    def forgetting(self) -> dict[str, Any] | None:
+        """The document's forgetting checks, summed over its passages."""
+        checks = [p.forgetting for p in self.passages if p.forgetting]
+        if not checks:
+            return None
+        n = sum(c["replay_n"] for c in checks)
+
+        def mean(key: str) -> float | None:
+            rows = [c for c in checks if c[key] is not None]
+            total = sum(c["replay_n"] for c in rows)
+            return round(sum(c[key] * c["replay_n"] for c in rows) / total, 4) if total else None
+
+        return {
+            "replay_n": n,
+            "before": mean("before"),
+            "after": mean("after"),
+            "flipped": [f for c in checks for f in c["flipped"]],
+            "attempts": sum(c["attempts"] for c in checks),
+            "decision": "rejected" if any(c["decision"] == "rejected" for c in checks) else "accepted",
+        }
 
     def qa(self) -> dict[str, Any] | None:
         scored = [p for p in self.passages if p.n_questions and p.qa_before is not None]
@@ -101,6 +140,7 @@ class DocumentReport:
             "learned": len(learned),
             "duplicates": sum(p.status == "duplicate" for p in self.passages),
             "failed": sum(p.status == "failed" for p in self.passages),
+            "rejected": sum(p.status == "rejected-forgetting" for p in self.passages),
             "version": self.version,
             "self_edit": {
                 "chars": sum(p.self_edit_chars for p in self.passages),
@@ -113,15 +153,23 @@ class DocumentReport:
         qa = self.qa()
         if qa is not None:
             out["qa"] = qa
+        f = self.forgetting()
+        if f is not None:
+            out["forgetting"] = f
         return out
 
 
 class Learner:
-    def __init__(self, cfg: Config, state: State, live: LiveModel, policy: Policy):
+    def __init__(self, cfg: Config, state: State, live: LiveModel, policy: Policy, bank: ReplayBank | None = None,
+                 qa_policy: Policy | None = None, external: str | None = None):
         self.cfg = cfg
         self.state = state
         self.live = live
         self.policy = policy
+        self.bank = bank  # None: no replay bank, no forgetting check
+        self.qa_policy = qa_policy  # None: passages without questions are not checked
+        # Learn another model's self-edit carried by the data (eval), not our own.
+        self.external = external
         self.train_dtype = train_dtype(cfg)
         self.generate_dtype = generate_dtype(cfg)
 
@@ -159,12 +207,34 @@ class Learner:
     def _seed(self, passage_hash: str) -> int:
         return (self.cfg.model.seed * 1_000_003 + int(passage_hash[:8], 16)) % (2**31)
 
-    def _evaluate(self, model, questions: list[qa_mod.Question]) -> float | None:
-        scored = qa_mod.evaluate(
+    def _score(self, model, questions: list[qa_mod.Question]) -> list[qa_mod.Scored]:
+        return qa_mod.evaluate(
             model, self.live.tokenizer, questions, self.cfg.qa,
             use_chat=self.cfg.model.use_chat_template, compute_dtype=self.generate_dtype,
         )
-        return qa_mod.accuracy(scored)
+
+    def _self_edit(self, passage: Passage, seed: int) -> SelfEdit:
+        if self.external:
+            texts = passage.external_self_edits.get(self.external)
+            if texts:
+                return from_text(self.policy, passage, texts[0])
+        [edit] = write_self_edits(self.live.model, self.live.tokenizer, self.policy, passage,
+                                  use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed)
+        return edit
+
+    def _passage_qas(self, passage: Passage, seed: int, report: PassageReport) -> list[NewQA]:
+        if passage.questions:
+            report.qa_source = "gold"
+            return [NewQA(q.question, q.answer, "gold") for q in passage.questions]
+        if self.qa_policy is None or not self.cfg.replay.generate_qas:
+            return []
+        gen = generate_qas(self.live.model, self.live.tokenizer, self.qa_policy, passage, self.cfg.qa,
+                           use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed,
+                           max_qas=self.cfg.replay.max_qas)
+        report.qa_generated = {"generated": gen.generated, "grounded": gen.grounded, "kept": len(gen.kept)}
+        if gen.kept:
+            report.qa_source = "generated"
+        return [NewQA(q, a, "generated") for q, a in gen.kept]
 
     def learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress = _noop) -> PassageReport:
         t0 = time.perf_counter()
@@ -181,47 +251,158 @@ class Learner:
 
         seed = self._seed(h)
         progress("self-edit", {"index": index})
-        [edit] = write_self_edits(self.live.model, self.live.tokenizer, self.policy, passage,
-                                  use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed)
-        text = edit.text
-        edit_id = self.state.add_self_edit(h, doc_id, self.policy.name, edit.prompt, text, edit.n_items)
-        report.self_edit_chars, report.self_edit_items = len(text), edit.n_items
+        edit = self._self_edit(passage, seed)
+        edit_id = self.state.add_self_edit(h, doc_id, self.policy.name, edit.prompt, edit.text, edit.n_items)
+        report.self_edit_chars, report.self_edit_items = len(edit.text), edit.n_items
 
-        questions = qa_mod.questions_of(passage.title, passage.questions)
+        new_qas: list[NewQA] = []
+        if self.bank is not None:
+            progress("questions", {"index": index})
+            new_qas = self._passage_qas(passage, seed, report)
+        questions = [qa_mod.Question(q.question, q.answer, passage.title) for q in new_qas]
+        if self.bank is None:
+            questions = qa_mod.questions_of(passage.title, passage.questions)
+        gain_before: list[qa_mod.Scored] = []
         if questions:
             progress("qa-before", {"index": index, "n": len(questions)})
-            report.qa_before = self._evaluate(self.live.model, questions)
+            gain_before = self._score(self.live.model, questions)
+            report.qa_before = qa_mod.accuracy(gain_before)
+        report.n_questions = len(questions)
 
-        progress("train", {"index": index, "examples": len(edit.examples)})
-        try:
-            candidate, stats = train_adapter(
-                self.live.model, self.live.tokenizer, edit.examples, self.cfg.lora, self.cfg.train, seed=seed,
-                compute_dtype=self.train_dtype,
-                on_step=lambda step, total, loss: progress("step", {"step": step, "total": total, "loss": loss}),
+        replay, nearest_ids, before = self._replay_before(passage, progress, index)
+        rehearsal: list[Example] = []
+        attempts, check, candidate, decision = 0, None, None, "accepted"
+        while True:
+            attempts += 1
+            progress("train", {"index": index, "examples": len(edit.examples) + len(rehearsal), "attempt": attempts})
+            try:
+                candidate, stats = train_adapter(
+                    self.live.model, self.live.tokenizer, edit.examples + rehearsal, self.cfg.lora, self.cfg.train,
+                    seed=seed + attempts - 1, compute_dtype=self.train_dtype,
+                    on_step=lambda step, total, loss: progress("step", {"step": step, "total": total, "loss": loss}),
+                )
+            except TrainingDiverged as e:
+                return self._diverged(e, report, edit_id, doc_id, index, progress, t0)
+            report.train = {**stats.as_dict(), "rehearsal_examples": len(rehearsal)}
+            gain_after = self._score(candidate, questions) if questions else []
+            report.qa_after = qa_mod.accuracy(gain_after)
+            if not replay:
+                break
+            progress("replay", {"index": index, "n": len(replay), "attempt": attempts})
+            after_scored = self._score(candidate, [qa_mod.Question(q.question, q.answer, q.title) for q in replay])
+            check = forgetting.Check(
+                replay_ids=[q.id for q in replay], before=before,
+                after={q.id: s.correct for q, s in zip(replay, after_scored)}, nearest_ids=nearest_ids,
+                gain_n=len(questions), gain_before=report.qa_before, gain_after=report.qa_after,
             )
-        except TrainingDiverged as e:
-            report.error = str(e)
-            self.state.set_self_edit_outcome(edit_id, "diverged")
-            self.state.set_passage_status(doc_id, index, "failed")
-            self.state.event("learn.diverged", str(e), version=self.live.version, document_id=doc_id,
-                             data={"passage": h})
-            progress("failed", {"index": index, "error": str(e)})
-            report.seconds = time.perf_counter() - t0
-            return report
-        report.train = stats.as_dict()
+            check_after = [(q.id, s.correct, s.prediction) for q, s in zip(replay, after_scored)]
+            ok = forgetting.passes(check, self.cfg.replay.max_forgetting)
+            self.state.event(
+                "learn.check", f"passage {h[:12]} attempt {attempts}: replay {check.accuracy(check.before):.2f}"
+                f" -> {check.accuracy(check.after):.2f}, {len(check.flipped)} forgotten",
+                version=self.live.version, document_id=doc_id,
+                data=forgetting.summary(check, attempts, "accepted" if ok else "retry"),
+            )
+            if ok or not self.cfg.replay.gate:
+                break
+            if attempts >= self.cfg.replay.attempts:
+                decision = "rejected"
+                break
+            candidate.unload()
+            rehearsal = self._rehearsal(check, replay, len(edit.examples))
+        qa_text = {q.id: q.question for q in replay}
+        report.checked = check is not None or bool(questions)
+        report.forgetting = forgetting.summary(check, attempts, decision, qa_text) if self.bank else None
 
-        if questions:
-            progress("qa-after", {"index": index, "n": len(questions)})
-            report.qa_after = self._evaluate(candidate, questions)
-
-        report.version = self._commit(candidate, passage, doc_id, index, edit_id, text, stats, report)
+        if decision == "rejected":
+            candidate.unload()
+            return self._rejected(report, edit_id, doc_id, index, progress, t0)
+        report.version = self._commit(
+            candidate, passage, doc_id, index, edit_id, edit.text, stats, report,
+            new_qas=new_qas, gain_after=gain_after, replay_after=check_after if check else [],
+        )
         report.status = "learned"
         report.seconds = time.perf_counter() - t0
         progress("learned", {"index": index, "version": report.version})
         return report
 
+    # -- the forgetting check --------------------------------------------
+    def _replay_before(self, passage: Passage, progress: Progress, index: int,
+                       ) -> tuple[list[BankQA], list[int], dict[int, bool]]:
+        """The replay sample and the live model's correctness on it (from the cache where known)."""
+        if self.bank is None:
+            return [], [], {}
+        lineage = self.state.lineage(self.live.version)
+        nearest, others = self.bank.replay_sample(
+            passage.text, lineage, self.cfg.replay.nearest_k, self.cfg.replay.random_m, passage.hash,
+            seed=self._seed(passage.hash))
+        replay = nearest + others
+        before = self.bank.cached(self.live.version, [q.id for q in replay])
+        missing = [q for q in replay if q.id not in before]
+        if missing:
+            progress("replay-before", {"index": index, "n": len(missing)})
+            scored = self._score(self.live.model, [qa_mod.Question(q.question, q.answer, q.title) for q in missing])
+            self.bank.record(self.live.version, [(q.id, s.correct, s.prediction) for q, s in zip(missing, scored)])
+            before.update({q.id: s.correct for q, s in zip(missing, scored)})
+        return replay, [q.id for q in nearest], before
+
+    def _rehearsal(self, check: forgetting.Check, replay: list[BankQA], n_new: int) -> list[Example]:
+        """Training sequences of the passages behind the forgotten QAs, then the
+        nearest ones: each passage with its accepted self-edit, as it was learned."""
+        by_id = {q.id: q for q in replay}
+        hashes: list[str] = []
+        for qa_id in check.flipped + check.nearest_ids:
+            h = by_id[qa_id].passage_hash
+            if h not in hashes:
+                hashes.append(h)
+        budget = max(1, round(self.cfg.replay.rehearsal_ratio * n_new))
+        passages: list[Example] = []
+        items: list[Example] = []
+        for h in hashes[: self.cfg.replay.rehearsal_passages]:
+            row = self.state.passage(h)
+            if row is None:
+                continue
+            accepted = [e for e in self.state.self_edits(h) if e["outcome"] == "accepted"]
+            edit_text = accepted[-1]["text"] if accepted else ""
+            *edit_items, text = self.policy.examples(edit_text, row["title"], row["text"])
+            passages.append(text)
+            items.extend(edit_items)
+        # every passage's own text first, then self-edit items, within the budget
+        examples = passages + items
+        return examples[:budget]
+
+    def _diverged(self, e: TrainingDiverged, report: PassageReport, edit_id: int, doc_id: int, index: int,
+                  progress: Progress, t0: float) -> PassageReport:
+        report.error = str(e)
+        self.state.set_self_edit_outcome(edit_id, "diverged")
+        self.state.set_passage_status(doc_id, index, "failed")
+        self.state.event("learn.diverged", str(e), version=self.live.version, document_id=doc_id,
+                         data={"passage": report.hash})
+        progress("failed", {"index": index, "error": str(e)})
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _rejected(self, report: PassageReport, edit_id: int, doc_id: int, index: int, progress: Progress,
+                  t0: float) -> PassageReport:
+        f = report.forgetting or {}
+        report.status = "rejected-forgetting"
+        report.error = (f"update would forget {len(f.get('flipped', []))} of the replay QAs the model knew "
+                        f"(replay accuracy {f.get('before')} -> {f.get('after')}) after {f.get('attempts')} attempts")
+        with self.state.transaction() as c:
+            self.state.set_self_edit_outcome(edit_id, "rejected-forgetting", conn=c)
+            self.state.set_passage_status(doc_id, index, "rejected-forgetting", conn=c,
+                                          info={"forgetting": f, "qa_generated": report.qa_generated})
+            self.state.event("learn.rejected", f"passage {report.hash[:12]} rejected: {report.error}",
+                             version=self.live.version, document_id=doc_id, conn=c,
+                             data={"passage": report.hash, "forgetting": f})
+        progress("rejected", {"index": index, "forgetting": f})
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    # -- commit ----------------------------------------------------------
     def _commit(self, candidate, passage: Passage, doc_id: int, index: int, edit_id: int, text: str,
-                stats: TrainStats, report: PassageReport) -> int:
+                stats: TrainStats, report: PassageReport, *, new_qas: list[NewQA] = (),
+                gain_after: list[qa_mod.Scored] = (), replay_after: list[tuple[int, bool, str]] = ()) -> int:
         parent = self.live.version
         version = max(self.state.max_version(), max(self.live.log.versions(), default=0)) + 1
         manifest_base = {
@@ -237,7 +418,9 @@ class Learner:
             "stats": stats.as_dict(),
             "qa": {"before": report.qa_before, "after": report.qa_after, "n": report.n_questions}
             if report.n_questions else None,
+            "forgetting": report.forgetting,
         }
+        vectors = self.bank.embed(passage.title, list(new_qas)) if self.bank is not None and new_qas else None
         fp: dict[str, str] = {}
 
         def make_manifest() -> dict[str, Any]:
@@ -252,17 +435,29 @@ class Learner:
             row = VersionRow(
                 version=version, parent=parent, created_at=manifest_base["created_at"], document_id=doc_id,
                 passage_hashes=[passage.hash], fingerprint=fp["weights"],
-                stats={k: manifest_base[k] for k in ("policy", "lora", "train", "stats", "qa")}
+                stats={k: manifest_base[k] for k in ("policy", "lora", "train", "stats", "qa", "forgetting")}
                 | {"logits_fingerprint": fp["logits"], "self_edit_id": edit_id},
             )
             with self.state.transaction() as c:
                 self.state.add_version(row, conn=c)
                 self.state.set_meta("live_version", str(version), conn=c)
-                self.state.set_passage_status(doc_id, index, "learned", version, conn=c)
+                self.state.set_passage_status(doc_id, index, "learned", version, conn=c,
+                                              info={"forgetting": report.forgetting,
+                                                    "qa_generated": report.qa_generated,
+                                                    "checked": report.checked})
                 self.state.set_self_edit_outcome(edit_id, "accepted", version, conn=c)
+                if self.bank is not None:
+                    ids = self.bank.add(list(new_qas), vectors, passage_hash=passage.hash, title=passage.title,
+                                        document_id=doc_id, version=version, conn=c) if new_qas else []
+                    # What the candidate answered is what this version knows
+                    # (merging changes the logits only by rounding).
+                    self.bank.record(version, [(i, s.correct, s.prediction) for i, s in zip(ids, gain_after)],
+                                     conn=c)
+                    self.bank.record(version, replay_after, conn=c)
                 self.state.event("learn.accepted", f"version {version}: learned passage {passage.hash[:12]}",
                                  version=version, document_id=doc_id, conn=c,
-                                 data={"parent": parent, "qa": manifest_base["qa"], "loss": stats.final_loss})
+                                 data={"parent": parent, "qa": manifest_base["qa"], "loss": stats.final_loss,
+                                       "forgetting": report.forgetting})
         except BaseException:
             if fp:  # merged in memory but not recorded: rebuild the parent exactly
                 self.live.load(parent)
@@ -270,5 +465,7 @@ class Learner:
                 self.live.model = candidate.unload()
             raise
         self.live.version = version
+        if self.bank is not None:
+            self.bank.sync()
         self.live.snapshot_if_due()
         return version

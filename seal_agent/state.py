@@ -27,7 +27,7 @@ SCHEMA = [
         sha256 TEXT NOT NULL,
         title TEXT,
         kind TEXT,
-        status TEXT NOT NULL,          -- learning | done | rejected | failed
+        status TEXT NOT NULL,          -- learning | done | rejected-forgetting | failed | interrupted
         added_at TEXT NOT NULL,
         finished_at TEXT,
         info TEXT                      -- JSON: the learn report
@@ -39,7 +39,7 @@ SCHEMA = [
         title TEXT NOT NULL,
         text TEXT NOT NULL,
         n_questions INTEGER NOT NULL DEFAULT 0,
-        status TEXT NOT NULL DEFAULT 'pending',  -- learned | duplicate | failed | pending
+        status TEXT NOT NULL DEFAULT 'pending',  -- learned | duplicate | failed | rejected-forgetting | pending
         version INTEGER,
         PRIMARY KEY (document_id, idx)
     );
@@ -75,6 +75,32 @@ SCHEMA = [
         message TEXT NOT NULL,
         data TEXT
     );
+    """,
+    # 2: the replay QA bank (issue 4). Embeddings live here too, so the FAISS
+    # index can always be rebuilt from the database.
+    """
+    CREATE TABLE qas (
+        id INTEGER PRIMARY KEY,
+        question TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        passage_hash TEXT NOT NULL,
+        title TEXT NOT NULL,
+        document_id INTEGER REFERENCES documents(id),
+        source TEXT NOT NULL,          -- gold | generated
+        version INTEGER NOT NULL,      -- the version that learned the passage
+        embedding BLOB NOT NULL,       -- float32, L2-normalized
+        added_at TEXT NOT NULL,
+        UNIQUE (passage_hash, question, answer)
+    );
+    CREATE INDEX qas_passage ON qas(passage_hash);
+    CREATE TABLE qa_results (
+        qa_id INTEGER NOT NULL REFERENCES qas(id),
+        version INTEGER NOT NULL,      -- correctness of this version's weights
+        correct INTEGER NOT NULL,
+        prediction TEXT,
+        PRIMARY KEY (qa_id, version)
+    );
+    ALTER TABLE passages ADD COLUMN info TEXT;  -- JSON: QA generation and forgetting check
     """,
 ]
 
@@ -123,14 +149,14 @@ class State:
                 raise
             self.conn.execute("COMMIT")
 
-    def _write(self, sql: str, args: tuple, conn: sqlite3.Connection | None) -> int:
+    def write(self, sql: str, args: tuple, conn: sqlite3.Connection | None) -> int:
         """Run one write inside the caller's transaction `conn`, or in its own."""
         if conn is not None:
             return int(conn.execute(sql, args).lastrowid or 0)
         with self.transaction() as c:
             return int(c.execute(sql, args).lastrowid or 0)
 
-    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self.conn.execute(sql, args).fetchall()
 
@@ -145,12 +171,12 @@ class State:
 
     # -- meta / live version ---------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
-        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else default
 
     def set_meta(self, key: str, value: str, conn: sqlite3.Connection | None = None) -> None:
         sql = "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
-        self._write(sql, (key, value), conn)
+        self.write(sql, (key, value), conn)
 
     def live_version(self) -> int | None:
         value = self.get_meta("live_version")
@@ -159,7 +185,7 @@ class State:
     # -- versions --------------------------------------------------------
     def add_version(self, row: VersionRow, conn: sqlite3.Connection) -> None:
         """Record a version (inside the caller's transaction, with whatever else must land with it)."""
-        self._write(
+        self.write(
             "INSERT INTO versions(version, parent, created_at, document_id, passage_hashes, fingerprint, stats)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (row.version, row.parent, row.created_at, row.document_id,
@@ -176,18 +202,18 @@ class State:
         )
 
     def version(self, version: int) -> VersionRow | None:
-        rows = self._query("SELECT * FROM versions WHERE version = ?", (version,))
+        rows = self.query("SELECT * FROM versions WHERE version = ?", (version,))
         return self._version(rows[0]) if rows else None
 
     def versions(self) -> list[VersionRow]:
-        return [self._version(r) for r in self._query("SELECT * FROM versions ORDER BY version")]
+        return [self._version(r) for r in self.query("SELECT * FROM versions ORDER BY version")]
 
     def max_version(self) -> int:
-        return self._query("SELECT COALESCE(MAX(version), -1) AS v FROM versions")[0]["v"]
+        return self.query("SELECT COALESCE(MAX(version), -1) AS v FROM versions")[0]["v"]
 
     def lineage(self, version: int) -> list[int]:
         """Versions from the base (0) to `version`, in merge order."""
-        parents = {r["version"]: r["parent"] for r in self._query("SELECT version, parent FROM versions")}
+        parents = {r["version"]: r["parent"] for r in self.query("SELECT version, parent FROM versions")}
         if version not in parents:
             raise KeyError(version)
         chain = []
@@ -208,35 +234,44 @@ class State:
 
     # -- documents, passages, self-edits ---------------------------------
     def add_document(self, path: str, sha256: str, title: str, kind: str) -> int:
-        return self._write(
+        return self.write(
             "INSERT INTO documents(path, sha256, title, kind, status, added_at) VALUES (?, ?, ?, ?, 'learning', ?)",
             (path, sha256, title, kind, now()), None,
         )
 
     def finish_document(self, doc_id: int, status: str, info: dict[str, Any]) -> None:
-        self._write(
+        self.write(
             "UPDATE documents SET status = ?, finished_at = ?, info = ? WHERE id = ?",
             (status, now(), json.dumps(info), doc_id), None,
         )
 
     def document(self, doc_id: int) -> sqlite3.Row | None:
-        rows = self._query("SELECT * FROM documents WHERE id = ?", (doc_id,))
+        rows = self.query("SELECT * FROM documents WHERE id = ?", (doc_id,))
         return rows[0] if rows else None
 
     def add_passage(self, doc_id: int, idx: int, hash_: str, title: str, text: str, n_questions: int) -> None:
-        self._write(
+        self.write(
             "INSERT INTO passages(document_id, idx, hash, title, text, n_questions) VALUES (?, ?, ?, ?, ?, ?)",
             (doc_id, idx, hash_, title, text, n_questions), None,
         )
 
     def set_passage_status(self, doc_id: int, idx: int, status: str, version: int | None = None,
-                           conn: sqlite3.Connection | None = None) -> None:
-        sql = "UPDATE passages SET status = ?, version = ? WHERE document_id = ? AND idx = ?"
-        self._write(sql, (status, version, doc_id, idx), conn)
+                           conn: sqlite3.Connection | None = None, info: dict[str, Any] | None = None) -> None:
+        if info is None:
+            sql = "UPDATE passages SET status = ?, version = ? WHERE document_id = ? AND idx = ?"
+            self.write(sql, (status, version, doc_id, idx), conn)
+        else:
+            sql = "UPDATE passages SET status = ?, version = ?, info = ? WHERE document_id = ? AND idx = ?"
+            self.write(sql, (status, version, json.dumps(info), doc_id, idx), conn)
+
+    def passage(self, hash_: str) -> sqlite3.Row | None:
+        """The latest stored passage with this content hash."""
+        rows = self.query("SELECT * FROM passages WHERE hash = ? ORDER BY rowid DESC LIMIT 1", (hash_,))
+        return rows[0] if rows else None
 
     def add_self_edit(self, passage_hash: str, doc_id: int | None, policy: str, prompt: str, text: str,
                       n_items: int) -> int:
-        return self._write(
+        return self.write(
             "INSERT INTO self_edits(passage_hash, document_id, policy, prompt, text, n_items, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (passage_hash, doc_id, policy, prompt, text, n_items, now()), None,
@@ -245,19 +280,19 @@ class State:
     def set_self_edit_outcome(self, edit_id: int, outcome: str, version: int | None = None,
                               conn: sqlite3.Connection | None = None) -> None:
         sql = "UPDATE self_edits SET outcome = ?, version = ? WHERE id = ?"
-        self._write(sql, (outcome, version, edit_id), conn)
+        self.write(sql, (outcome, version, edit_id), conn)
 
     def self_edits(self, passage_hash: str) -> list[sqlite3.Row]:
-        return self._query("SELECT * FROM self_edits WHERE passage_hash = ? ORDER BY id", (passage_hash,))
+        return self.query("SELECT * FROM self_edits WHERE passage_hash = ? ORDER BY id", (passage_hash,))
 
     # -- events ----------------------------------------------------------
     def event(self, kind: str, message: str, *, version: int | None = None, document_id: int | None = None,
               data: dict[str, Any] | None = None, conn: sqlite3.Connection | None = None) -> None:
         args = (now(), kind, version, document_id, message, json.dumps(data) if data is not None else None)
         sql = "INSERT INTO events(ts, kind, version, document_id, message, data) VALUES (?, ?, ?, ?, ?, ?)"
-        self._write(sql, args, conn)
+        self.write(sql, args, conn)
 
     def events(self, limit: int = 50, kind: str | None = None) -> list[sqlite3.Row]:
         if kind:
-            return self._query("SELECT * FROM events WHERE kind LIKE ? ORDER BY id DESC LIMIT ?", (kind, limit))
-        return self._query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+            return self.query("SELECT * FROM events WHERE kind LIKE ? ORDER BY id DESC LIMIT ?", (kind, limit))
+        return self.query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))

@@ -86,7 +86,10 @@ base = "{model_base}"
 dir = "{ROOT / 'policies'}"
 
 [train]
+# one example per step, so step counts are easy to state (packing has its own tests)
 epochs = 2
+batch_size = 1
+pack_tokens = 0
 
 [qa]
 max_new_tokens = 8

@@ -29,7 +29,7 @@ def test_training_lowers_the_loss_and_leaves_base_weights_alone(tiny):
     before = weights(model)
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, target_modules=all_linear), seed=0)
-    stats = train(peft_model, tok, EXAMPLES, TrainConfig(epochs=8, lr=1e-2, seed=0))
+    stats = train(peft_model, tok, EXAMPLES, TrainConfig(epochs=8, lr=1e-2, seed=0, batch_size=1, pack_tokens=0))
     assert stats.steps == 24 and len(stats.epoch_losses) == 8
     assert stats.epoch_losses[-1] < 0.7 * stats.epoch_losses[0]
     assert stats.tokens > 0 and stats.seconds > 0
@@ -43,7 +43,7 @@ def test_same_seed_same_adapter(tiny):
     results = []
     for _ in range(2):
         pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=3)
-        train(pm, tok, EXAMPLES, TrainConfig(epochs=2, lr=1e-3, seed=7), compute_dtype=torch.float32)
+        train(pm, tok, EXAMPLES, TrainConfig(epochs=2, lr=1e-3, seed=7, batch_size=1, pack_tokens=0), compute_dtype=torch.float32)
         results.append({k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k})
         model = pm.unload()
     assert results[0].keys() == results[1].keys()
@@ -76,7 +76,7 @@ def test_completion_loss_masks_the_prompt(tiny):
 def test_batches_pad_without_learning_padding(tiny):
     model, tok = tiny
     pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
-    cfg = dataclasses.replace(TrainConfig(), epochs=2, batch_size=2, lr=1e-3)
+    cfg = dataclasses.replace(TrainConfig(), epochs=2, batch_size=2, lr=1e-3, pack_tokens=0)
     stats = train(pm, tok, EXAMPLES, cfg)
     assert stats.steps == 4  # ceil(3 / 2) per epoch
     true_tokens = sum(len(t) for t, _ in tokenize(tok, EXAMPLES, 2048, "all"))
@@ -117,7 +117,7 @@ def test_packed_training_takes_fewer_steps_and_learns(tiny):
     model, tok = tiny
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     pm = attach_lora(model, LoraConfig(r=8, alpha=16, target_modules=all_linear), seed=0)
-    stats = train(pm, tok, EXAMPLES, TrainConfig(epochs=8, lr=2e-2, pack_tokens=4096, seed=0))
+    stats = train(pm, tok, EXAMPLES, TrainConfig(epochs=8, lr=2e-2, pack_tokens=4096, batch_size=1, seed=0))
     assert stats.steps == 8  # one packed row per epoch
     assert stats.tokens == 8 * sum(len(t) for t, _ in tokenize(tok, EXAMPLES, 2048, "all"))
     assert stats.epoch_losses[-1] < 0.7 * stats.epoch_losses[0]
