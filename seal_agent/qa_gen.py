@@ -1,12 +1,16 @@
-"""Questions for a passage that carries none: the model writes them, grounding keeps the good ones.
+"""Questions for a passage that carries none: answers picked from the passage, questions by the model.
 
-A small model invents freely, so a generated pair is kept only when
-  1. its answer is short and occurs (normalized) in the passage, and
-  2. the current model answers its question correctly with the passage in
-     context (a question the model cannot answer even while reading the
-     passage tests nothing it could learn).
-The parsing and the lexical filter are pure functions; `generate_qas` runs the
-model for the writing and for check 2.
+A small model asked for question-answer pairs invents facts and whole new
+passages, so the answers are chosen here, from the passage itself: names,
+numbers and dates (`answer_candidates`, pure). For each, the model writes one
+question (policies/qa-gen.toml, `{answer}` in its prompt). A pair is kept only
+when
+  1. the question is a question and does not contain its answer, and
+  2. the current model answers it correctly with the passage in context (a
+     question the model cannot answer even while reading the passage tests
+     nothing it could learn).
+The text logic is pure; `generate_qas` runs the model for the writing and for
+check 2.
 """
 
 from __future__ import annotations
@@ -20,67 +24,95 @@ from .config import QAConfig
 from .documents import Passage
 from .grading import normalize_answer
 from .model.generation import generate
-from .policy import Policy, split_items
+from .policy import Policy
 from .qa import Question, evaluate
 
-_PAIR = re.compile(
-    r"^\s*(?:\d+[.)]\s*)?(?:\*\*)?(?:Question|Q)\s*\d*\s*[:.]\s*(?:\*\*)?\s*(?P<q>.+?)\s*"
-    r"(?:\*\*)?(?:Answer|A)\s*\d*\s*[:.]\s*(?:\*\*)?\s*(?P<a>.+?)\s*$",
-    re.DOTALL,
-)
-MAX_ANSWER_WORDS = 10
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+# Capitalized word runs ("William the Conqueror", "Battle of Hastings") and numbers.
+_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+_DATE = re.compile(rf"{_MONTH}\s+\d{{1,2}}(?:,\s*\d{{4}})?|\d{{1,2}}\s+{_MONTH}(?:\s+\d{{4}})?|{_MONTH}\s+\d{{4}}")
+_NAME = re.compile(r"[A-Z][\w-]*(?:\s+(?:(?:of|the|de|du|da|von|van|la|le|al)\s+)*[A-Z][\w-]*)*")
+_NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?(?:\s*(?:%|percent|million|billion|thousand))?")
+_NOT_ANSWERS = {
+    "a", "an", "the", "this", "that", "these", "those", "it", "its", "he", "she", "they", "their", "his", "her",
+    "in", "on", "at", "by", "for", "of", "to", "from", "with", "as", "and", "but", "or", "if", "when", "while",
+    "there", "here", "what", "who", "which", "where", "why", "how", "after", "before", "during", "since",
+    "although", "because", "however", "also", "such", "we", "i", "you", "many", "most", "some", "each", "both",
+}
+_QUESTION_PREFIX = re.compile(r"^\s*(?:\*\*)?(?:question|q)\s*\d*\s*[:.]\s*(?:\*\*)?\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class GeneratedQAs:
-    generated: int  # pairs parsed from the model's text
-    grounded: int  # of which the answer occurs in the passage
+    generated: int  # questions the model wrote
+    grounded: int  # of which are real questions not giving their answer away
     kept: list[tuple[str, str]]  # of which the model answers correctly in context
-    text: str  # what the model wrote
 
 
-def parse_pairs(items: list[str]) -> list[tuple[str, str]]:
-    """(question, answer) from "Question N: ... Answer: ..." items; others are skipped."""
-    pairs = []
-    for item in items:
-        m = _PAIR.match(item)
-        if not m:
-            continue
-        q = " ".join(m["q"].split())
-        a = " ".join(m["a"].splitlines()[0].split()).strip("*").strip()
-        if q and a:
-            pairs.append((q, a))
-    return pairs
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(" ".join(text.split())) if s.strip()]
 
 
-def grounded(pairs: list[tuple[str, str]], passage: str) -> list[tuple[str, str]]:
-    """Pairs whose short answer occurs in the passage (normalized, on word
-    boundaries) and does not just repeat the question; duplicates dropped."""
-    text = f" {normalize_answer(passage)} "
-    seen, out = set(), []
-    for q, a in pairs:
-        na = normalize_answer(a)
-        if not na or len(na.split()) > MAX_ANSWER_WORDS or f" {na} " not in text:
-            continue
-        if f" {na} " in f" {normalize_answer(q)} ":
-            continue  # the question gives its answer away
-        key = normalize_answer(q)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append((q, a))
+def answer_candidates(text: str, title: str = "", limit: int = 16) -> list[str]:
+    """Names and numbers of the passage, spread over its sentences, no repeats.
+    A lone capitalized function word at a sentence start ("The") is not a name;
+    the title is what every question is about, so it is not an answer."""
+    per_sentence = []
+    seen = {normalize_answer(title)} if title else set()
+    for sentence in sentences(text):
+        spans, taken = [], []  # dates first, then names, then numbers; no overlaps
+        matches = [*_DATE.finditer(sentence), *_NAME.finditer(sentence), *_NUMBER.finditer(sentence)]
+        for m in matches:
+            if any(m.start() < end and start < m.end() for start, end in taken):
+                continue
+            span = m.group().strip(" ,.")
+            words = span.split()
+            if not span or (len(words) == 1 and span.lower() in _NOT_ANSWERS):
+                continue
+            if words[0].lower() in _NOT_ANSWERS and len(words) > 1:
+                span = " ".join(words[1:])  # "The Normans" at a sentence start -> "Normans"
+            key = normalize_answer(span)
+            if key and key not in seen:
+                taken.append((m.start(), m.end()))
+                seen.add(key)
+                spans.append(span)
+        per_sentence.append(spans)
+    out: list[str] = []
+    while len(out) < limit and any(per_sentence):  # round robin over sentences
+        for spans in per_sentence:
+            if spans and len(out) < limit:
+                out.append(spans.pop(0))
     return out
+
+
+def clean_question(text: str) -> str:
+    """The first line of the model's reply, without a "Question:" label."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return _QUESTION_PREFIX.sub("", lines[0]).strip().strip('"').strip()
+
+
+def usable(question: str, answer: str) -> bool:
+    """A question (ends in '?', a few words) that does not contain its answer."""
+    q = normalize_answer(question)
+    return (question.endswith("?") and 3 <= len(q.split()) <= 40
+            and f" {normalize_answer(answer)} " not in f" {q} ")
 
 
 def generate_qas(model, tokenizer, policy: Policy, passage: Passage, qa_cfg: QAConfig, *, use_chat: bool,
                  dtype: torch.dtype, seed: int, max_qas: int) -> GeneratedQAs:
-    prompt = policy.prompt(tokenizer, passage.title, passage.text, use_chat)
-    [completion] = generate(model, tokenizer, [prompt], policy.sampling, compute_dtype=dtype, seed=seed)
-    text = policy.completion_text(tokenizer, completion, use_chat)
-    pairs = parse_pairs(split_items(text, policy.parse))
-    candidates = grounded(pairs, passage.text)
+    answers = answer_candidates(passage.text, passage.title, limit=2 * max_qas)
+    if not answers:
+        return GeneratedQAs(0, 0, [])
+    prompts = [policy.prompt(tokenizer, passage.title, passage.text, use_chat, answer=a) for a in answers]
+    replies = generate(model, tokenizer, prompts, policy.sampling, compute_dtype=dtype, seed=seed,
+                       batch_size=qa_cfg.batch_size)
+    pairs = [(clean_question(r), a) for r, a in zip(replies, answers)]
+    written = [(q, a) for q, a in pairs if q]
+    candidates = [(q, a) for q, a in written if usable(q, a)]
     questions = [Question(q, a, passage.title, passage.text) for q, a in candidates]
     scored = evaluate(model, tokenizer, questions, qa_cfg, use_chat=use_chat, compute_dtype=dtype,
                       in_context=True)
     kept = [(s.question.question, s.question.answer) for s in scored if s.correct][:max_qas]
-    return GeneratedQAs(len(pairs), len(candidates), kept, text)
+    return GeneratedQAs(len(written), len(candidates), kept)

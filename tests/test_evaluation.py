@@ -4,10 +4,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import SQUAD_DEV
+
 from seal_agent.cli import main
-from seal_agent.documents import Passage, QA
+from seal_agent.documents import QA, Passage
 from seal_agent.errors import SealError
 from seal_agent.evaluation import ConditionResult, parse_conditions, wilson_interval
 

@@ -125,3 +125,21 @@ def test_packed_training_takes_fewer_steps_and_learns(tiny):
     pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
     stats = train(pm, tok, EXAMPLES, TrainConfig(epochs=1, pack_tokens=30, batch_size=2, seed=0))
     assert stats.steps >= 1 and all(torch.isfinite(torch.tensor(stats.epoch_losses)))
+
+
+def test_bf16_training_holds_frozen_weights_in_bf16_and_restores_them_exactly(tiny):
+    from seal_agent.inner_loop import frozen_weights_in
+
+    model, tok = tiny
+    before = weights(model)
+    pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with frozen_weights_in(pm, torch.bfloat16):
+        assert q.base_layer.weight.dtype == torch.bfloat16 and q.lora_A["default"].weight.dtype == torch.float32
+        assert pm.get_input_embeddings().weight.dtype == torch.float32  # tied lm_head too
+    assert q.base_layer.weight.dtype == torch.float32
+    stats = train(pm, tok, EXAMPLES, TrainConfig(epochs=2, lr=1e-2, seed=0), compute_dtype=torch.bfloat16)
+    assert stats.steps > 0 and all(torch.isfinite(torch.tensor(stats.epoch_losses)))
+    model = pm.unload()
+    after = weights(model)
+    assert all(after[k].dtype == torch.float32 and torch.equal(before[k], after[k]) for k in before)

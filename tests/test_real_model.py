@@ -9,8 +9,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import SQUAD_DEV
+
 from seal_agent.agent import SealAgent
 from seal_agent.cli import main
 from seal_agent.config import load_config

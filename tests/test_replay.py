@@ -14,7 +14,7 @@ from seal_agent.config import load_config
 from seal_agent.embedding import MiniLMEmbedder
 from seal_agent.forgetting import Check, passes
 from seal_agent.qa import Question, evaluate
-from seal_agent.qa_gen import grounded, parse_pairs
+from seal_agent.qa_gen import answer_candidates, clean_question, usable
 from seal_agent.replay import NewQA, ReplayBank
 from seal_agent.state import State
 
@@ -95,21 +95,22 @@ def test_replay_sample_nearest_plus_random_only_on_the_live_line(tmp_path, embed
     assert stats["by_source"] == {"gold": 5}
 
 
-def test_qa_parsing_and_grounding_filter():
-    text = ("Question 1: Who led the raiders?\nAnswer: Rollo\n"
-            "Question 2: Where did they settle?\nAnswer: Normandy, in France\n"
-            "Question 3: What did they invent?\nAnswer: the steam engine\n"
-            "Question 4: Who led the raiders?\nAnswer: Rollo\n"
-            "Question 5: Was Rollo a Norse leader?\nAnswer: Rollo\n"
-            "Some trailing chatter without a pair")
-    from seal_agent.policy import ParseRules, split_items
-
-    pairs = parse_pairs(split_items(text, ParseRules(mode="qa")))
-    assert pairs[0] == ("Who led the raiders?", "Rollo") and len(pairs) == 5
-    passage = "The Normans descend from Norse raiders led by Rollo. They settled in Normandy, in France."
-    kept = grounded(pairs, passage)
-    # invented answer, duplicate question and self-answering question are dropped
-    assert kept == [("Who led the raiders?", "Rollo"), ("Where did they settle?", "Normandy, in France")]
+def test_answers_come_from_the_passage_and_questions_must_not_give_them_away():
+    passage = ("The Normans descend from Norse raiders led by Rollo. In 911 they settled in Normandy. "
+               "The Treaty of Saint-Clair-sur-Epte gave them land. It was signed by Charles the Simple.")
+    answers = answer_candidates(passage, title="Normans", limit=10)
+    # dates, names, numbers, one sentence at a time (round robin); the title and "The"/"It" skipped
+    assert answers[:4] == ["Norse", "Normandy", "Treaty of Saint-Clair-sur-Epte", "Charles the Simple"]
+    assert "Rollo" in answers and "911" in answers and "Normans" not in answers
+    assert all(a.lower() not in ("the", "it", "in") for a in answers)
+    assert all(a in passage for a in answers)
+    assert answer_candidates("no names or numbers here.") == []
+    assert clean_question("Question: Who led the raiders?\nAnswer: Rollo") == "Who led the raiders?"
+    assert clean_question("\n\n  **Q1:** When did they settle?") == "When did they settle?"
+    assert usable("Who led the Norse raiders?", "Rollo")
+    assert not usable("Was Rollo the leader?", "Rollo")  # gives the answer away
+    assert not usable("Rollo led them", "Norse")  # not a question
+    assert not usable("Who?", "Rollo")  # too short
 
 
 def test_gate_arithmetic():
