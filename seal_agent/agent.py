@@ -6,6 +6,7 @@ model (loaded lazily: `history` needs no model).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,13 @@ class SealAgent:
         return {"version": live.version, "n": n,
                 "accuracy": round(sum(s.correct for s in scored) / n, 4) if n else None,
                 "documents": documents}
+
+    def events(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest events, oldest first (decisions of the learner, rollbacks)."""
+        rows = self.state.events(limit)[::-1]
+        return [{"id": r["id"], "ts": r["ts"], "kind": r["kind"], "version": r["version"],
+                 "document_id": r["document_id"], "message": r["message"],
+                 "data": json.loads(r["data"]) if r["data"] else None} for r in rows]
 
     def rollback(self, version: int) -> dict[str, Any]:
         """Make `version` live again, rebuilt and checked against its recorded fingerprints."""

@@ -255,12 +255,28 @@ def ask(ctx: click.Context, question: str, max_tokens: int | None, as_json: bool
 # -- history -------------------------------------------------------------
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version (or event).")
+@click.option("--events", "events", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Instead: the last N events (every accepted, checked, rejected or rolled-back update).")
 @global_options
 @click.pass_context
 @handle_errors
-def history(ctx: click.Context, as_json: bool) -> None:
+def history(ctx: click.Context, as_json: bool, events: int | None) -> None:
     """List the versions of the live model: which document, when, training stats."""
+    if events is not None:
+        rows = _agent(ctx).events(events)
+        if as_json:
+            for row in rows:
+                emit_json(row)
+            return
+        table = Table(title=f"last {len(rows)} events")
+        for col in ("time (UTC)", "event", "version", "message"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(r["ts"][5:19].replace("T", " "), r["kind"], "" if r["version"] is None else str(r["version"]),
+                          r["message"])
+        out.print(table)
+        return
     rows = _agent(ctx).history()
     if as_json:
         for row in rows:

@@ -80,6 +80,19 @@ def test_bank_persists_finds_nearest_and_rebuilds_a_lost_or_corrupt_index(tmp_pa
     assert sorted(faiss.vector_to_array(bank.index.id_map).tolist()) == [1, 2, 3, 4, 5]
 
 
+def test_base_model_embedder_fallback(tmp_path, tiny_cfg):
+    from seal_agent.embedding import load_embedder
+
+    tiny_cfg.replay.embedder = "base-model"
+    emb = load_embedder(tiny_cfg)
+    assert emb.dim == 64  # the tiny model's hidden size
+    vectors = emb.embed(["Rollo led the Normans.", "Kidneys filter blood."])
+    assert vectors.shape == (2, 64) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    bank = ReplayBank(State(tmp_path / "seal.db"), emb, tmp_path / "replay.faiss")
+    fill(bank)
+    assert bank.index.ntotal == 5 and len(bank.search("Rollo", 3)) == 3
+
+
 def test_replay_sample_nearest_plus_random_only_on_the_live_line(tmp_path, embedder):
     state = State(tmp_path / "seal.db")
     bank = ReplayBank(state, embedder, tmp_path / "replay.faiss")
@@ -267,6 +280,11 @@ def test_replay_cli_and_learn_json_forgetting(tiny_config, squad_file):
     assert check["documents"][0]["n"] == check["n"]
     r = run("replay", "stats")
     assert r.exit_code == 0 and "QAs" in r.stdout
+    # every decision is an event in history
+    r = run("history", "--events", "20", "--json")
+    kinds = [json.loads(x)["kind"] for x in r.stdout.splitlines() if x.startswith("{")]
+    assert kinds.count("learn.check") >= 1 and kinds.count("learn.accepted") == learned
+    assert "learn.check" in run("history", "--events", "5").stdout
     r = run("replay", "search", " ")
     assert r.exit_code == 1 and "empty" in r.output
 
