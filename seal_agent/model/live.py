@@ -144,6 +144,14 @@ class LiveModel:
         last = max((i for i, v in enumerate(chain) if v in snapshots), default=0)
         if len(chain) - 1 - last < every:
             return None
+        return self.consolidate()
+
+    def consolidate(self) -> int | None:
+        """Save a snapshot of the live weights now (unless the live version is
+        the base or already has one); returns the version snapshotted."""
+        if self.version in (None, 0) or self.version in set(self.log.snapshot_versions()):
+            return None
+        chain = self.state.lineage(self.version)
         self.log.write_snapshot(
             self.version, self.model.state_dict(),
             {"version": self.version, "created_at": now(), "lineage": chain},
