@@ -8,7 +8,8 @@
 - self-edit generation tokens/s, unbatched and batched;
 - QA evaluation questions/s;
 - replay search: FAISS top-k latency for 10k / 100k / 1M synthetic vectors;
-- end-to-end ingest: seconds per passage of `learn` on a small document.
+- end-to-end ingest: seconds per passage of `learn` on a small document;
+- query latency through the API with the learner idle and while it trains.
 
 The fixed passage and self-edit below are invented (no licence questions, and
 no model can know them in advance).
@@ -222,7 +223,8 @@ def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
 
 
 def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, seal_steps: int = 3,
-              replay_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)) -> dict[str, Any]:
+              replay_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), query_requests: int = 12,
+              ) -> dict[str, Any]:
     t_start = time.perf_counter()
     base_dir = resolve_base(cfg)
     tokenizer = load_tokenizer(base_dir)
@@ -270,5 +272,86 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
     result["replay_search"] = replay_search(replay_sizes)
     log("end-to-end ingest ...")
     result["ingest"] = ingest(cfg, base_dir.parent)
+    log("query latency through the API, learner idle vs training ...")
+    result["query_latency"] = query_latency(cfg, policy, requests=query_requests)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     return result
+
+
+def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: int = 16) -> dict[str, Any]:
+    """p50/p95 latency of a short chat completion through the real API (uvicorn
+    on 127.0.0.1, the real openai client), with the learner idle and while an
+    inner loop trains on the same machine, side by side."""
+    import copy
+    import socket
+    import threading
+    import types
+
+    import openai
+    import uvicorn
+
+    from .server import Served, build_app
+
+    base_dir = resolve_base(cfg)
+    tokenizer = load_tokenizer(base_dir)
+    live = load_model(base_dir, cfg)
+    served = Served(copy.deepcopy(live), tokenizer, 0, use_chat=cfg.model.use_chat_template)
+    daemon = types.SimpleNamespace(cfg=cfg, served=served, started=time.time(), queue=None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(daemon), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+    question = [{"role": "user", "content": "Who won the Zorblax Prize in 2031?"}]
+
+    def measure() -> dict[str, float]:
+        lat = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            client.chat.completions.create(model=cfg.api.model_name, messages=question, max_tokens=max_tokens)
+            lat.append(time.perf_counter() - t0)
+        return {"p50_s": round(float(np.median(lat)), 3), "p95_s": round(float(np.percentile(lat, 95)), 3),
+                "requests": requests}
+
+    try:
+        measure()  # warm-up
+        idle = measure()
+        training = threading.Event()
+        done = threading.Event()
+
+        def learner() -> None:
+            cfg_long = dataclasses.replace(cfg.train, epochs=1000)  # stopped below, once measured
+            peft_model = attach_lora(live, cfg.lora, seed=0)
+            try:
+                training.set()
+                train(peft_model, tokenizer, bench_examples(policy), cfg_long, compute_dtype=train_dtype(cfg),
+                      on_step=lambda *_: _stop_if(done))
+            except _Stop:
+                pass
+            finally:
+                peft_model.unload()
+
+        t = threading.Thread(target=learner, daemon=True)
+        t.start()
+        training.wait()
+        busy = measure()
+        done.set()
+        t.join()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return {"max_tokens": max_tokens, "idle": idle, "while_training": busy,
+            "slowdown_p50": round(busy["p50_s"] / idle["p50_s"], 2)}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_if(event) -> None:
+    if event.is_set():
+        raise _Stop

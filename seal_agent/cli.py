@@ -786,7 +786,7 @@ def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
 @click.pass_context
 @handle_errors
 def bench(ctx: click.Context, as_json: bool) -> None:
-    """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest.
+    """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest, API latency.
 
     Takes about 5 minutes on 2 cores. Ratios (speedup, fraction of peak) are
     measured in the same run, so they hold on a noisy machine.
@@ -815,6 +815,10 @@ def bench(ctx: click.Context, as_json: bool) -> None:
             f"{int(n):,} vectors p50 {v['p50_ms']} ms" for n, v in result["replay_search"].items()),
         f"ingest: {result['ingest']['seconds_per_passage']} s per passage "
         f"(training {result['ingest']['train_seconds_per_passage']} s)",
+        f"query latency ({result['query_latency']['max_tokens']} tokens via the API): p50/p95 "
+        f"{result['query_latency']['idle']['p50_s']}/{result['query_latency']['idle']['p95_s']} s idle, "
+        f"{result['query_latency']['while_training']['p50_s']}/{result['query_latency']['while_training']['p95_s']} s "
+        f"while training ({result['query_latency']['slowdown_p50']}x)",
         f"total {result['seconds']:.0f} s",
     ]
     out.print("\n".join(lines), highlight=False)

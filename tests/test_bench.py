@@ -7,7 +7,7 @@ from seal_agent.policy import load_active_policy
 
 def test_bench_reports_every_figure(tiny_cfg):
     policy = load_active_policy(policy_dir(tiny_cfg), tiny_cfg.policy.active)
-    result = run_bench(tiny_cfg, policy, log=lambda m: None, seal_steps=1, replay_sizes=(2000,))
+    result = run_bench(tiny_cfg, policy, log=lambda m: None, seal_steps=1, replay_sizes=(2000,), query_requests=3)
     il = result["inner_loop"]
     assert il["examples"] == len(bench_examples(policy)) == 15
     for name in ("ours", "trainer_reference", "seal_reference"):
@@ -21,6 +21,8 @@ def test_bench_reports_every_figure(tiny_cfg):
     assert result["qa"]["questions"] == 16 and result["qa"]["questions_per_s"] > 0
     assert set(result["replay_search"]) == {"2000"}
     assert result["ingest"]["passages"] == 2 and result["ingest"]["seconds_per_passage"] > 0
+    q = result["query_latency"]
+    assert q["idle"]["requests"] == q["while_training"]["requests"] == 3 and q["idle"]["p50_s"] > 0
 
 
 def test_replay_search_and_gemm_measure_something():
