@@ -9,7 +9,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import SQUAD_DEV
+from conftest import ROOT, SQUAD_DEV
 
 from seal_agent.agent import SealAgent
 from seal_agent.cli import main
@@ -70,3 +70,20 @@ def test_learning_a_squad_passage_raises_no_context_accuracy(tmp_path, models_di
     agent.close()
     assert all(a["version"] == 0 for a in base_answers)
     assert sum(contains(a["answer"], q["answer"]) for a, q in zip(base_answers, data["questions"])) == 0
+
+
+def test_a_plain_document_gets_grounded_model_written_questions(tmp_path, models_dir):
+    """No questions in the file: the real model writes some; every kept answer
+    is in the passage and the kept QAs are in the replay bank."""
+    doc = ROOT / "tests" / "data" / "normans.md"
+    common = ["--state-dir", tmp_path / "state", "--set", f"paths.models='{models_dir}'"]
+    report = json.loads(cli("learn", doc, "--json", *common).stdout)
+    [p] = report["passage_reports"]
+    gen = p["qa_generated"]
+    assert p["status"] == "learned" and gen["generated"] >= gen["grounded"] >= gen["kept"] >= 2, gen
+    assert p["qa_source"] == "generated" and p["checked"]
+    stats = json.loads(cli("replay", "stats", "--json", *common).stdout)
+    assert stats["qas"] == gen["kept"] and stats["by_source"] == {"generated": gen["kept"]}
+    text = " ".join(doc.read_text().split()).lower()
+    hits = [json.loads(x) for x in cli("replay", "search", "Normans", "-k", "20", "--json", *common).stdout.splitlines()]
+    assert len(hits) == gen["kept"] and all(h["answer"].lower() in text for h in hits), hits
