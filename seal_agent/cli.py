@@ -91,6 +91,16 @@ def _agent(ctx: click.Context):
     return agent
 
 
+def _no_daemon(agent) -> None:
+    """Commands that change the live model refuse while a daemon owns the state directory."""
+    from .daemon import running_pid
+
+    pid = running_pid(agent.cfg.state_dir)
+    if pid is not None:
+        raise SealError(f"a seal-agent daemon (pid {pid}) owns {agent.cfg.state_dir}: drop the document into its "
+                        "inbox or POST it to /v1/documents, or stop the daemon first")
+
+
 def handle_errors(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -206,6 +216,7 @@ def learn(ctx: click.Context, paths: tuple[Path, ...], max_passages: int | None,
     from .agent import expand_paths
 
     agent = _agent(ctx)
+    _no_daemon(agent)
     files = expand_paths(list(paths))
     if not files:
         raise SealError("no supported documents found in " + ", ".join(map(str, paths)))
@@ -314,7 +325,9 @@ def rollback(ctx: click.Context, version: int, as_json: bool) -> None:
 
     Later versions stay in the log; learning continues from VERSION.
     """
-    result = _agent(ctx).rollback(version)
+    agent = _agent(ctx)
+    _no_daemon(agent)
+    result = agent.rollback(version)
     if as_json:
         emit_json(result)
         return

@@ -212,6 +212,12 @@ def test_one_daemon_per_state_dir_and_token_required_off_loopback(setup):
                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
         s = json.loads(r.stdout.strip().splitlines()[-1])
         assert s["running"] and s["pid"] == d.proc.pid and s["live_version"] == 0
+        # the command line does not change the live model under the daemon's feet
+        note = inbox.parent / "note.txt"
+        note.write_text("A note.")
+        r = subprocess.run([sys.executable, "-m", "seal_agent", "--config", str(cfg), "learn", str(note)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 1 and f"daemon (pid {d.proc.pid})" in r.stderr
     finally:
         d.stop()
 
