@@ -118,6 +118,7 @@ def test_drop_learn_and_ask_with_the_openai_client_bad_files_rejected(setup):
         (inbox / "empty.md").write_text("")
         (inbox / "passwd.txt").symlink_to("/etc/passwd")
         (inbox / "notes.docx").write_text("unsupported")
+        (inbox / "broken.json").write_text('{"title": "x", "context": ')
         (inbox / ".hidden.txt").write_text("ignored")
         (inbox / "partial.txt.part").write_text("ignored while downloading")
 
@@ -130,7 +131,7 @@ def test_drop_learn_and_ask_with_the_openai_client_bad_files_rejected(setup):
 
         rejected = inbox / "rejected"
         for name, why in (("blob.txt", "binary"), ("empty.md", "empty"), ("passwd.txt", "outside the inbox"),
-                          ("notes.docx", "unsupported")):
+                          ("notes.docx", "unsupported"), ("broken.json", "JSON")):
             d.wait_for(lambda n=name: (rejected / f"{n}.reason.txt").exists(), what=f"{name} rejected")
             assert why in (rejected / f"{name}.reason.txt").read_text()
         assert (rejected / "passwd.txt").is_symlink()  # moved, not followed, not deleted
@@ -160,7 +161,7 @@ def test_drop_learn_and_ask_with_the_openai_client_bad_files_rejected(setup):
         r = httpx.post(f"{d.url}/v1/chat/completions", json={"messages": []})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         s = d.status()
-        assert s["queue"]["done"] == 2 and s["queue"]["rejected"] == 4 and s["live_version"] == 2
+        assert s["queue"]["done"] == 2 and s["queue"]["rejected"] == 5 and s["live_version"] == 2
         assert [x["kind"] for x in s["decisions"]][-2:] == ["learn.accepted", "learn.accepted"]
     finally:
         assert d.stop() == 0, d.log.read_text()
