@@ -17,8 +17,10 @@ no model can know them in advance).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import io
 import tempfile
 import time
 from collections.abc import Callable
@@ -128,7 +130,8 @@ def trainer_reference(model, tokenizer, examples, cfg: Config, pad_to: int | Non
             )
             trainer = Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collator)
             t0 = time.perf_counter()
-            result = trainer.train()
+            with contextlib.redirect_stdout(io.StringIO()):  # Trainer prints its metrics; keep --json clean
+                result = trainer.train()
             seconds = time.perf_counter() - t0
     finally:
         hf_logging.set_verbosity(verbosity)
