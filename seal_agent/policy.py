@@ -43,6 +43,20 @@ class ParseRules:
     grounded_only: bool = False
 
 
+QUESTION_MODES = ("cloze", "model")
+
+
+@dataclass(frozen=True)
+class QuestionRules:
+    """For question-writing policies (qa-gen): how a question is made for an
+    answer span chosen from the passage. "cloze": from the sentence holding the
+    answer, the answer blanked out ({cloze}); "model": the model writes it from
+    the chat/base prompt ({answer} in the prompt)."""
+
+    mode: str = "model"
+    cloze_template: str = 'Fill in the blank ({title}): "{cloze}"'
+
+
 @dataclass(frozen=True)
 class Policy:
     name: str
@@ -56,6 +70,7 @@ class Policy:
     sampling: Sampling
     parse: ParseRules
     path: Path | None = None
+    questions: QuestionRules = QuestionRules()
 
     def prompt(self, tokenizer, title: str, passage: str, use_chat: bool = True, answer: str = "") -> str:
         fields = {"title": title, "passage": passage, "answer": answer}
@@ -202,7 +217,8 @@ def _field(data: dict, key: str, kind: type, path: Path, default: Any = ...) -> 
 
 
 _KNOWN = {
-    "": {"name", "description", "chat", "base", "sampling", "parse"},
+    "": {"name", "description", "chat", "base", "sampling", "parse", "questions"},
+    "questions": {"mode", "cloze_template"},
     "chat": {"system", "user"},
     "base": {"prompt", "completion_prefix"},
     "sampling": {"temperature", "top_p", "max_new_tokens"},
@@ -289,6 +305,14 @@ def load_policy(path: Path) -> Policy:
         max_items=_field(data, "parse.max_items", int, path, defaults.max_items),
         grounded_only=_field(data, "parse.grounded_only", bool, path, defaults.grounded_only),
     )
+    qdefaults = QuestionRules()
+    qmode = _field(data, "questions.mode", str, path, qdefaults.mode)
+    if qmode not in QUESTION_MODES:
+        raise PolicyError(f"{path}: field 'questions.mode' must be one of {QUESTION_MODES}, got {qmode!r}")
+    cloze_template = _field(data, "questions.cloze_template", str, path, qdefaults.cloze_template)
+    _check_template(path, "questions.cloze_template", cloze_template, {"cloze"})
+    if "{cloze}" not in cloze_template:
+        raise PolicyError(f"{path}: field 'questions.cloze_template' must contain {{cloze}}")
     name = _field(data, "name", str, path, path.stem)
     if name != path.stem:
         raise PolicyError(f"{path}: field 'name' is '{name}' but the file is {path.name}; they must match")
@@ -302,6 +326,7 @@ def load_policy(path: Path) -> Policy:
         sampling=sampling,
         parse=parse,
         path=path,
+        questions=QuestionRules(qmode, cloze_template),
     )
 
 

@@ -2,9 +2,11 @@
 
 A small model asked for question-answer pairs invents facts and whole new
 passages, so the answers are chosen here, from the passage itself: names,
-numbers and dates (`answer_candidates`, pure). For each, the model writes one
-question (policies/qa-gen.toml, `{answer}` in its prompt). A pair is kept only
-when
+numbers and dates (`answer_spans`, pure). For each, a question is made as
+policies/qa-gen.toml says: "cloze" (the default; the sentence holding the
+answer with the answer blanked out, which SmolLM2-135M cannot get wrong) or
+"model" (the model writes one, `{answer}` in its prompt; for larger models).
+A pair is kept only when
   1. the question is a question and does not contain its answer, and
   2. the current model answers it correctly with the passage in context (a
      question the model cannot answer even while reading the passage tests
@@ -32,7 +34,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
 _DATE = re.compile(rf"{_MONTH}\s+\d{{1,2}}(?:,\s*\d{{4}})?|\d{{1,2}}\s+{_MONTH}(?:\s+\d{{4}})?|{_MONTH}\s+\d{{4}}")
 _NAME = re.compile(r"[A-Z][\w-]*(?:\s+(?:(?:of|the|de|du|da|von|van|la|le|al)\s+)*[A-Z][\w-]*)*")
-_NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?(?:\s*(?:%|percent|million|billion|thousand))?")
+_NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?(?:st|nd|rd|th)?(?:\s*(?:%|percent|million|billion|thousand))?")
 _NOT_ANSWERS = {
     "a", "an", "the", "this", "that", "these", "those", "it", "its", "he", "she", "they", "their", "his", "her",
     "in", "on", "at", "by", "for", "of", "to", "from", "with", "as", "and", "but", "or", "if", "when", "while",
@@ -50,13 +52,18 @@ class GeneratedQAs:
 
 
 def sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(" ".join(text.split())) if s.strip()]
+    """Sentences, never across lines (a heading is not part of the next sentence)."""
+    out = []
+    for line in text.splitlines():
+        out.extend(s.strip() for s in _SENTENCE_END.split(" ".join(line.split())) if s.strip())
+    return out
 
 
-def answer_candidates(text: str, title: str = "", limit: int = 16) -> list[str]:
-    """Names and numbers of the passage, spread over its sentences, no repeats.
-    A lone capitalized function word at a sentence start ("The") is not a name;
-    the title is what every question is about, so it is not an answer."""
+def answer_spans(text: str, title: str = "", limit: int = 16) -> list[tuple[str, str]]:
+    """(answer, its sentence): names, dates and numbers of the passage, spread
+    over its sentences (round robin), no repeats. A lone capitalized word that
+    starts a sentence ("Through", "The") is not taken for a name; the title is
+    what every question is about, so it is not an answer."""
     per_sentence = []
     seen = {normalize_answer(title)} if title else set()
     for sentence in sentences(text):
@@ -67,7 +74,8 @@ def answer_candidates(text: str, title: str = "", limit: int = 16) -> list[str]:
                 continue
             span = m.group().strip(" ,.")
             words = span.split()
-            if not span or (len(words) == 1 and span.lower() in _NOT_ANSWERS):
+            if not span or (len(words) == 1 and (span.lower() in _NOT_ANSWERS
+                                                 or (m.start() == 0 and not span[0].isdigit()))):
                 continue
             if words[0].lower() in _NOT_ANSWERS and len(words) > 1:
                 span = " ".join(words[1:])  # "The Normans" at a sentence start -> "Normans"
@@ -75,14 +83,23 @@ def answer_candidates(text: str, title: str = "", limit: int = 16) -> list[str]:
             if key and key not in seen:
                 taken.append((m.start(), m.end()))
                 seen.add(key)
-                spans.append(span)
+                spans.append((span, sentence))
         per_sentence.append(spans)
-    out: list[str] = []
-    while len(out) < limit and any(per_sentence):  # round robin over sentences
+    out: list[tuple[str, str]] = []
+    while len(out) < limit and any(per_sentence):
         for spans in per_sentence:
             if spans and len(out) < limit:
                 out.append(spans.pop(0))
     return out
+
+
+def answer_candidates(text: str, title: str = "", limit: int = 16) -> list[str]:
+    return [span for span, _ in answer_spans(text, title, limit)]
+
+
+def cloze(sentence: str, answer: str) -> str:
+    """The sentence with its answer blanked out."""
+    return sentence.replace(answer, "___", 1)
 
 
 def clean_question(text: str) -> str:
@@ -94,21 +111,27 @@ def clean_question(text: str) -> str:
 
 
 def usable(question: str, answer: str) -> bool:
-    """A question (ends in '?', a few words) that does not contain its answer."""
+    """A question (ends in '?', or a fill-in-the-blank) of a few words that does not contain its answer."""
     q = normalize_answer(question)
-    return (question.endswith("?") and 3 <= len(q.split()) <= 40
+    return ((question.endswith("?") or "___" in question) and 3 <= len(q.split()) <= 80
             and f" {normalize_answer(answer)} " not in f" {q} ")
 
 
 def generate_qas(model, tokenizer, policy: Policy, passage: Passage, qa_cfg: QAConfig, *, use_chat: bool,
                  dtype: torch.dtype, seed: int, max_qas: int) -> GeneratedQAs:
-    answers = answer_candidates(passage.text, passage.title, limit=2 * max_qas)
-    if not answers:
+    spans = answer_spans(passage.text, passage.title, limit=max_qas + max_qas // 2)
+    if not spans:
         return GeneratedQAs(0, 0, [])
-    prompts = [policy.prompt(tokenizer, passage.title, passage.text, use_chat, answer=a) for a in answers]
-    replies = generate(model, tokenizer, prompts, policy.sampling, compute_dtype=dtype, seed=seed,
-                       batch_size=qa_cfg.batch_size)
-    pairs = [(clean_question(r), a) for r, a in zip(replies, answers)]
+    rules = policy.questions
+    if rules.mode == "cloze":
+        pairs = [(rules.cloze_template.format(title=passage.title, passage=passage.text, answer="",
+                                              cloze=cloze(sentence, a)), a) for a, sentence in spans]
+    else:
+        answers = [a for a, _ in spans]
+        prompts = [policy.prompt(tokenizer, passage.title, passage.text, use_chat, answer=a) for a in answers]
+        replies = generate(model, tokenizer, prompts, policy.sampling, compute_dtype=dtype, seed=seed,
+                           batch_size=qa_cfg.batch_size)
+        pairs = [(clean_question(r), a) for r, a in zip(replies, answers)]
     written = [(q, a) for q, a in pairs if q]
     candidates = [(q, a) for q, a in written if usable(q, a)]
     questions = [Question(q, a, passage.title, passage.text) for q, a in candidates]

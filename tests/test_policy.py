@@ -98,6 +98,8 @@ prompt = "{passage}"
     (GOOD.replace("{title} {passage}", "{title} {pasage}"), "field 'chat.user' uses unknown placeholder"),
     (GOOD.replace('prompt = "{passage}"', 'prompt = "no text"'), "field 'base.prompt' must contain"),
     (GOOD.replace('name = "bad"', 'name = "other"'), "field 'name'"),
+    (GOOD + "[questions]\nmode = 'quiz'\n", "field 'questions.mode' must be one of"),
+    (GOOD + "[questions]\ncloze_template = 'no blank'\n", "field 'questions.cloze_template' must contain"),
 ])
 def test_malformed_policy_names_file_and_field(tmp_path, text, message):
     path = _write(tmp_path, text)

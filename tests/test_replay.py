@@ -14,7 +14,7 @@ from seal_agent.config import load_config
 from seal_agent.embedding import MiniLMEmbedder
 from seal_agent.forgetting import Check, passes
 from seal_agent.qa import Question, evaluate
-from seal_agent.qa_gen import answer_candidates, clean_question, usable
+from seal_agent.qa_gen import answer_candidates, clean_question, cloze, usable
 from seal_agent.replay import NewQA, ReplayBank
 from seal_agent.state import State
 
@@ -118,6 +118,10 @@ def test_answers_come_from_the_passage_and_questions_must_not_give_them_away():
     assert all(a.lower() not in ("the", "it", "in") for a in answers)
     assert all(a in passage for a in answers)
     assert answer_candidates("no names or numbers here.") == []
+    assert answer_candidates("Through the years they grew.") == []  # a capitalized first word is not a name
+    assert answer_candidates("It ended in the 10th century.") == ["10th"]
+    assert cloze("In 911 they settled in Normandy.", "911") == "In ___ they settled in Normandy."
+    assert usable('Fill in the blank (Normans): "In ___ they settled in Normandy."', "911")
     assert clean_question("Question: Who led the raiders?\nAnswer: Rollo") == "Who led the raiders?"
     assert clean_question("\n\n  **Q1:** When did they settle?") == "When did they settle?"
     assert usable("Who led the Norse raiders?", "Rollo")
