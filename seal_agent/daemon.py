@@ -326,9 +326,9 @@ class Daemon:
 
     def submit(self, filename: str, data: bytes) -> Job:
         """A document posted to the API: written into the inbox atomically, then taken."""
-        name = Path(filename).name
-        if not name or name in (".", "..") or name != filename.strip().split("/")[-1]:
-            raise SealError(f"bad file name {filename!r}")
+        name = filename.strip()
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            raise SealError(f"bad file name {filename!r}: a plain name such as notes.md, no folders")
         self.inbox_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.inbox_dir, prefix=".upload-", suffix=".part")
         with os.fdopen(fd, "wb") as f:
@@ -366,9 +366,9 @@ class Daemon:
             self.current_job = job.id
             try:
                 self._run_job(job)
-            except Exception as e:
+            except Exception as e:  # any failure of one job: retried, then failed
                 state = self.queue.retry_or_fail(job, f"{type(e).__name__}: {e}")
-                log.exception("job %d: %s (%s)", job.id, e, "will retry" if state == "queued" else "failed")
+                log.exception("job %d: failed (%s)", job.id, "will retry" if state == "queued" else "giving up")
             finally:
                 self.current_job = None
 

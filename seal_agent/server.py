@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ApiConfig
+from .errors import SealError
 from .model.generation import Sampling, generate, render_chat
 
 if TYPE_CHECKING:
@@ -180,6 +181,10 @@ def build_app(daemon: Daemon) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(SealError)
+    async def _seal_error(_request: Request, e: SealError) -> JSONResponse:
+        return JSONResponse(error_body(str(e), "invalid_request_error"), status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:

@@ -156,6 +156,9 @@ def test_drop_learn_and_ask_with_the_openai_client_bad_files_rejected(setup):
         job = d.wait_for(lambda: (j := httpx.get(f"{d.url}/v1/jobs/{job_id}").json())["state"] == "done" and j,
                          what="API document learned")
         assert job["result"]["learned"] == 1 and (inbox / "done" / "hastings.md").exists()
+        r = httpx.post(f"{d.url}/v1/documents", json={"filename": "../escape.txt", "content": "x"})
+        assert r.status_code == 400 and "bad file name" in r.json()["error"]["message"]
+        assert not (inbox.parent / "escape.txt").exists()
         r = httpx.get(f"{d.url}/v1/jobs/999")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         r = httpx.post(f"{d.url}/v1/chat/completions", json={"messages": []})
