@@ -284,26 +284,14 @@ class Learner:
             except TrainingDiverged as e:
                 return self._diverged(e, report, edit_id, doc_id, index, progress, t0)
             report.train = {**stats.as_dict(), "rehearsal_examples": len(rehearsal)}
-            gain_after = self._score(candidate, questions) if questions else []
-            report.qa_after = qa_mod.accuracy(gain_after)
-            if not replay:
-                break
-            progress("replay", {"index": index, "n": len(replay), "attempt": attempts})
-            after_scored = self._score(candidate, [qa_mod.Question(q.question, q.answer, q.title) for q in replay])
-            check = forgetting.Check(
-                replay_ids=[q.id for q in replay], before=before,
-                after={q.id: s.correct for q, s in zip(replay, after_scored)}, nearest_ids=nearest_ids,
-                gain_n=len(questions), gain_before=report.qa_before, gain_after=report.qa_after,
-            )
-            check_after = [(q.id, s.correct, s.prediction) for q, s in zip(replay, after_scored)]
-            ok = forgetting.passes(check, self.cfg.replay.max_forgetting)
-            self.state.event(
-                "learn.check", f"passage {h[:12]} attempt {attempts}: replay {check.accuracy(check.before):.2f}"
-                f" -> {check.accuracy(check.after):.2f}, {len(check.flipped)} forgotten",
-                version=self.live.version, document_id=doc_id,
-                data=forgetting.summary(check, attempts, "accepted" if ok else "retry"),
-            )
-            if ok or not self.cfg.replay.gate:
+            try:
+                progress("replay" if replay else "qa-after", {"index": index, "n": len(replay), "attempt": attempts})
+                done, check, gain_after, check_after = self._check(
+                    candidate, questions, replay, before, nearest_ids, report, attempts, h, doc_id)
+            except BaseException:
+                candidate.unload()  # never leave an unchecked adapter on the live weights
+                raise
+            if done or not self.cfg.replay.gate:
                 break
             if attempts >= self.cfg.replay.attempts:
                 decision = "rejected"
@@ -312,14 +300,14 @@ class Learner:
             rehearsal = self._rehearsal(check, replay, len(edit.examples))
         qa_text = {q.id: q.question for q in replay}
         report.checked = check is not None or bool(questions)
-        report.forgetting = forgetting.summary(check, attempts, decision, qa_text) if self.bank else None
+        report.forgetting = forgetting.summary(check, attempts, decision, qa_text) if self.bank is not None else None
 
         if decision == "rejected":
             candidate.unload()
             return self._rejected(report, edit_id, doc_id, index, progress, t0)
         report.version = self._commit(
             candidate, passage, doc_id, index, edit_id, edit.text, stats, report,
-            new_qas=new_qas, gain_after=gain_after, replay_after=check_after if check else [],
+            new_qas=new_qas, gain_after=gain_after, replay_after=check_after,
         )
         report.status = "learned"
         report.seconds = time.perf_counter() - t0
@@ -327,6 +315,34 @@ class Learner:
         return report
 
     # -- the forgetting check --------------------------------------------
+    def _check(self, candidate, questions, replay, before, nearest_ids, report, attempt, h, doc_id):
+        """Score the candidate on the passage's QAs and the replay sample; record
+        the check as an event. Returns (passes, check, gain answers, replay answers)."""
+        gain_after = self._score(candidate, questions) if questions else []
+        report.qa_after = qa_mod.accuracy(gain_after)
+        if not replay:
+            return True, None, gain_after, []
+        after_scored = self._score(candidate, [qa_mod.Question(q.question, q.answer, q.title) for q in replay])
+        check = forgetting.Check(
+            replay_ids=[q.id for q in replay], before=before,
+            after={q.id: s.correct for q, s in zip(replay, after_scored)}, nearest_ids=nearest_ids,
+            gain_n=len(questions), gain_before=report.qa_before, gain_after=report.qa_after,
+        )
+        ok = forgetting.passes(check, self.cfg.replay.max_forgetting)
+        if ok:
+            label = "accepted"
+        elif not self.cfg.replay.gate:
+            label = "accepted (gate off)"
+        else:
+            label = "rejected" if attempt >= self.cfg.replay.attempts else "retry with rehearsal"
+        self.state.event(
+            "learn.check", f"passage {h[:12]} attempt {attempt}: replay {check.accuracy(check.before):.2f}"
+            f" -> {check.accuracy(check.after):.2f}, {len(check.flipped)} forgotten: {label}",
+            version=self.live.version, document_id=doc_id,
+            data=forgetting.summary(check, attempt, label),
+        )
+        return ok, check, gain_after, [(q.id, s.correct, s.prediction) for q, s in zip(replay, after_scored)]
+
     def _replay_before(self, passage: Passage, progress: Progress, index: int,
                        ) -> tuple[list[BankQA], list[int], dict[int, bool]]:
         """The replay sample and the live model's correctness on it (from the cache where known)."""

@@ -323,3 +323,28 @@ def test_retention_summary_arithmetic():
     assert s["just_learned_mean"] == pytest.approx((0.5 + 0.6 + 0.7) / 3, abs=1e-4)
     assert s["forgetting"] == pytest.approx(((0.5 - 0.2) + (0.6 - 0.4)) / 2, abs=1e-4)
     assert s["earlier_final_mean"] == pytest.approx(0.3, abs=1e-4)
+
+
+def test_an_interrupted_check_leaves_no_adapter_on_the_live_model(tiny_config, two_docs):
+    """Ctrl-C while the candidate is being checked: the candidate is taken off again."""
+    agent = _agent(tiny_config)
+    try:
+        agent.learn(two_docs[0])
+        h = agent.state.query("SELECT hash FROM passages")[0]["hash"]
+        _known_facts(agent, h, "normans")
+        before = weights(agent.live.model)
+
+        def interrupt(stage, _info):
+            if stage == "replay":
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            agent.learn(two_docs[1], interrupt)
+        after = weights(agent.live.model)
+        assert type(agent.live.model).__name__ == "LlamaForCausalLM"
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert agent.state.max_version() == agent.live.version == 1
+        # and the next document learns normally
+        assert agent.learn(two_docs[1]).as_dict()["status"] in ("done", "rejected-forgetting")
+    finally:
+        agent.close()
