@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PACKAGED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+# Tasks the daemon schedules (and `seal-agent schedule run` starts).
+TASKS = ("replay_check", "consolidate")
 
 
 def policy_dir(cfg: Config) -> Path:
@@ -141,7 +143,7 @@ class SealAgent:
         qas = self.bank.active(self._lineage())
         if sample is not None and sample < len(qas):
             qas = sorted(random.Random(seed).sample(qas, sample), key=lambda q: q.id)
-        scored = evaluate(live.model, live.tokenizer, [Question(q.question, q.answer, q.title) for q in qas],
+        scored = evaluate(live.model, live.tokenizer, [q.as_question() for q in qas],
                           self.cfg.qa, use_chat=self.cfg.model.use_chat_template,
                           compute_dtype=generate_dtype(self.cfg))
         self.bank.record(live.version, [(q.id, s.correct, s.prediction) for q, s in zip(qas, scored)])
@@ -158,6 +160,18 @@ class SealAgent:
         return {"version": live.version, "n": n,
                 "accuracy": round(sum(s.correct for s in scored) / n, 4) if n else None,
                 "documents": documents}
+
+    def run_task(self, name: str) -> dict[str, Any]:
+        """Run one scheduled task now: `replay_check` (recorded as an event) or `consolidate`."""
+        if name == "replay_check":
+            result = self.replay_check(self.cfg.schedule.replay_check_sample or None)
+            self.state.event("replay.check", f"version {result['version']}: replay accuracy "
+                             f"{result['accuracy']} on {result['n']} QAs", version=result["version"],
+                             data={"accuracy": result["accuracy"], "n": result["n"]})
+            return result
+        if name == "consolidate":
+            return {"snapshot": self.live.consolidate()}
+        raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest events, oldest first (decisions of the learner, rollbacks)."""

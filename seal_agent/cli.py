@@ -540,7 +540,8 @@ def schedule_list(ctx: click.Context, as_json: bool) -> None:
 @handle_errors
 def schedule_run(ctx: click.Context, name: str, as_json: bool) -> None:
     """Run a task now: queued for the running daemon, or run here if none is running."""
-    from .daemon import TASKS, running_pid
+    from .agent import TASKS
+    from .daemon import running_pid
     from .jobs import JobQueue
 
     if name not in TASKS:
@@ -551,12 +552,10 @@ def schedule_run(ctx: click.Context, name: str, as_json: bool) -> None:
         job_id = JobQueue(agent.state).enqueue("task", name, "cli")
         result = {"queued": True, "job": job_id, "daemon_pid": pid}
         text = f"queued as job {job_id} for the running daemon (pid {pid})"
-    elif name == "replay_check":
-        result = agent.replay_check(agent.cfg.schedule.replay_check_sample or None)
-        text = f"version {result['version']}: {result['accuracy']} on {result['n']} replay QAs"
     else:
-        result = {"snapshot": agent.live.consolidate()}
-        text = f"snapshot: {result['snapshot']}"
+        result = agent.run_task(name)
+        text = (f"version {result['version']}: {result['accuracy']} on {result['n']} replay QAs"
+                if name == "replay_check" else f"snapshot: {result['snapshot']}")
     if as_json:
         emit_json(result)
     else:

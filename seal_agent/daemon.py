@@ -29,15 +29,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .agent import SealAgent
+from .agent import TASKS, SealAgent
 from .config import Config, ScheduleConfig, _resolve
 from .documents import file_hash
 from .errors import ConfigError, DocumentError, SealError
 from .inbox import DONE, REJECTED, Inbox, ignored, move_to, problem
 from .jobs import ACTIVE, Job, JobQueue
+from .replay import counts as replay_counts
 
 log = logging.getLogger("seal_agent.daemon")
-TASKS = ("replay_check", "consolidate")
 _CURRENT: Daemon | None = None  # the running daemon, for scheduler callbacks
 
 
@@ -374,7 +374,7 @@ class Daemon:
 
     def _run_job(self, job: Job) -> None:
         if job.kind == "task":
-            result = self._run_task(job.name)
+            result = self.agent.run_task(job.name)
             self.queue.finish(job.id, "done", result=result)
             log.info("job %d: task %s done", job.id, job.name)
             return
@@ -400,19 +400,6 @@ class Daemon:
             self.served.swap(copy.deepcopy(live.model), live.version)
         log.info("job %d: %s: %s; live version %d", job.id, path.name, summary["status"], live.version)
 
-    def _run_task(self, name: str) -> dict[str, Any]:
-        if name == "replay_check":
-            sample = self.cfg.schedule.replay_check_sample or None
-            result = self.agent.replay_check(sample)
-            self.agent.state.event("replay.check", f"version {result['version']}: replay accuracy "
-                                   f"{result['accuracy']} on {result['n']} QAs", version=result["version"],
-                                   data={"accuracy": result["accuracy"], "n": result["n"]})
-            return result
-        if name == "consolidate":
-            version = self.agent.live.consolidate()
-            return {"snapshot": version}
-        raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
-
     # -- status --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return status(self.agent, self.queue, self.cfg, pid=os.getpid(), current_job=self.current_job)
@@ -430,7 +417,7 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
             decisions.append({"ts": e["ts"], "kind": e["kind"], "version": e["version"], "message": e["message"],
                               "forgetting": {k: f.get(k) for k in ("replay_n", "before", "after", "decision")}
                               if f else None})
-    bank = state.query("SELECT COUNT(*) AS n, COUNT(DISTINCT document_id) AS d FROM qas")[0]
+    bank = replay_counts(state)
     try:
         next_runs = schedule_rows(cfg.state_dir)
     except Exception:  # noqa: BLE001 - status must work without the scheduler store
@@ -443,7 +430,7 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
         "queue": queue.counts(),
         "current_job": current_job,
         "decisions": decisions[-cfg.daemon.status_decisions:],
-        "replay_bank": {"qas": bank["n"], "documents": bank["d"]},
+        "replay_bank": {"qas": bank["qas"], "documents": bank["documents"]},
         "policy": {"name": cfg.policy.active, "version": 0},
         "schedules": next_runs,
     }

@@ -259,14 +259,12 @@ class Learner:
         if self.bank is not None:
             progress("questions", {"index": index})
             new_qas = self._passage_qas(passage, seed, report)
-        questions = [qa_mod.Question(q.question, q.answer, passage.title) for q in new_qas]
-        if self.bank is None:
+            questions = [qa_mod.Question(q.question, q.answer, passage.title) for q in new_qas]
+        else:
             questions = qa_mod.questions_of(passage.title, passage.questions)
-        gain_before: list[qa_mod.Scored] = []
         if questions:
             progress("qa-before", {"index": index, "n": len(questions)})
-            gain_before = self._score(self.live.model, questions)
-            report.qa_before = qa_mod.accuracy(gain_before)
+            report.qa_before = qa_mod.accuracy(self._score(self.live.model, questions))
         report.n_questions = len(questions)
 
         replay, nearest_ids, before = self._replay_before(passage, progress, index)
@@ -322,7 +320,7 @@ class Learner:
         report.qa_after = qa_mod.accuracy(gain_after)
         if not replay:
             return True, None, gain_after, []
-        after_scored = self._score(candidate, [qa_mod.Question(q.question, q.answer, q.title) for q in replay])
+        after_scored = self._score(candidate, [q.as_question() for q in replay])
         check = forgetting.Check(
             replay_ids=[q.id for q in replay], before=before,
             after={q.id: s.correct for q, s in zip(replay, after_scored)}, nearest_ids=nearest_ids,
@@ -357,7 +355,7 @@ class Learner:
         missing = [q for q in replay if q.id not in before]
         if missing:
             progress("replay-before", {"index": index, "n": len(missing)})
-            scored = self._score(self.live.model, [qa_mod.Question(q.question, q.answer, q.title) for q in missing])
+            scored = self._score(self.live.model, [q.as_question() for q in missing])
             self.bank.record(self.live.version, [(q.id, s.correct, s.prediction) for q, s in zip(missing, scored)])
             before.update({q.id: s.correct for q, s in zip(missing, scored)})
         return replay, [q.id for q in nearest], before

@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from .embedding import Embedder
+from .qa import Question
 from .state import State, now
 
 
@@ -40,6 +41,10 @@ class BankQA:
     document_id: int | None
     source: str
     version: int
+
+    def as_question(self) -> Question:
+        """To be asked with no passage in context."""
+        return Question(self.question, self.answer, self.title)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,15 @@ def _row(r: sqlite3.Row) -> BankQA:
 def qa_text(title: str, question: str, answer: str) -> str:
     """What is embedded for a QA: its topic, question and answer."""
     return f"{title}: {question} {answer}".strip(": ")
+
+
+def counts(state: State) -> dict[str, Any]:
+    """The bank's size from the database alone (no embedder, no index)."""
+    total = state.query("SELECT COUNT(*) AS n, COUNT(DISTINCT document_id) AS d, COUNT(DISTINCT passage_hash) AS p"
+                        " FROM qas")[0]
+    rows = state.query("SELECT source, COUNT(*) AS n FROM qas GROUP BY source")
+    return {"qas": total["n"], "documents": total["d"], "passages": total["p"],
+            "by_source": {r["source"]: r["n"] for r in rows}}
 
 
 class ReplayBank:
@@ -220,15 +234,9 @@ class ReplayBank:
         return nearest, others
 
     def stats(self, lineage: list[int]) -> dict[str, Any]:
-        rows = self.state.query(
-            "SELECT source, COUNT(*) AS n, COUNT(DISTINCT passage_hash) AS p, COUNT(DISTINCT document_id) AS d"
-            " FROM qas GROUP BY source")
         active = self.active(lineage)
         return {
-            "qas": sum(r["n"] for r in rows),
-            "documents": self.state.query("SELECT COUNT(DISTINCT document_id) AS d FROM qas")[0]["d"],
-            "passages": self.state.query("SELECT COUNT(DISTINCT passage_hash) AS p FROM qas")[0]["p"],
-            "by_source": {r["source"]: r["n"] for r in rows},
+            **counts(self.state),
             "active_qas": len(active),
             "index_vectors": int(self.index.ntotal),
             "embedder": self.embedder.name,

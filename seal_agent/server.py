@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ApiConfig
 from .errors import SealError
-from .model.generation import Sampling, generate, render_chat
+from .model.generation import Sampling, first_stop, generate, generate_kwargs, render_chat
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -89,14 +89,7 @@ class Served:
         model, _version = self.current()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens,
-                                  "pad_token_id": self.tokenizer.pad_token_id, "streamer": streamer}
-        if sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        kwargs = {**generate_kwargs(self.tokenizer, sampling), "streamer": streamer}
 
         def run() -> None:
             with self._generate, torch.inference_mode():
@@ -107,7 +100,7 @@ class Served:
         emitted = ""
         for piece in streamer:
             text = emitted + piece
-            cut = min((i for i in (text.find(s) for s in sampling.stop if s) if i >= 0), default=-1)
+            cut = first_stop(text, sampling.stop)
             if cut >= 0:
                 if cut > len(emitted):
                     yield text[len(emitted):cut]

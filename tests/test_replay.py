@@ -284,10 +284,16 @@ def test_replay_cli_and_learn_json_forgetting(tiny_config, squad_file):
     assert check["documents"][0]["n"] == check["n"]
     r = run("replay", "stats")
     assert r.exit_code == 0 and "QAs" in r.stdout
+    # the scheduled task, run here (no daemon): same check, recorded as an event
+    r = run("schedule", "run", "replay_check", "--json")
+    [task] = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert task["n"] == check["n"] and task["accuracy"] == check["accuracy"]
+    assert run("schedule", "run", "nope").exit_code == 1
     # every decision is an event in history
     r = run("history", "--events", "20", "--json")
     kinds = [json.loads(x)["kind"] for x in r.stdout.splitlines() if x.startswith("{")]
     assert kinds.count("learn.check") >= 1 and kinds.count("learn.accepted") == learned
+    assert kinds[-1] == "replay.check"
     assert "learn.check" in run("history", "--events", "5").stdout
     r = run("replay", "search", " ")
     assert r.exit_code == 1 and "empty" in r.output

@@ -44,9 +44,26 @@ def autocast(dtype: torch.dtype, device: str = "cpu"):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
+def first_stop(text: str, stop: tuple[str, ...]) -> int:
+    """Where the earliest stop string starts in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+
+
 def _truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    cut = first_stop(text, stop)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate_kwargs(tokenizer, sampling: Sampling) -> dict:
+    """`model.generate` arguments for a Sampling (greedy at temperature 0)."""
+    kwargs: dict = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if sampling.stop:
+        kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
+    return kwargs
 
 
 @torch.inference_mode()
@@ -72,18 +89,8 @@ def generate(
             chunk = prompts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
-            kwargs: dict = dict(
-                max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            if sampling.temperature > 0:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if sampling.stop:
-                kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
             with autocast(compute_dtype, device.type):
-                out = model.generate(**enc, **kwargs)
+                out = model.generate(**enc, **generate_kwargs(tokenizer, sampling))
             new = out[:, enc["input_ids"].shape[1] :]
             for row in new:
                 text = tokenizer.decode(row, skip_special_tokens=True)
