@@ -222,7 +222,10 @@ def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
             agent.close()
     n = len(report.passages)
     return {"passages": n, "seconds": round(seconds, 1), "seconds_per_passage": round(seconds / n, 1),
-            "train_seconds_per_passage": round(sum(p.train["seconds"] for p in report.passages if p.train) / n, 1)}
+            "train_seconds_per_passage": round(sum(p.train["seconds"] for p in report.passages if p.train) / n, 1),
+            "stage_seconds": [p.stage_seconds for p in report.passages],
+            "attempts": [(p.forgetting or {}).get("attempts") for p in report.passages],
+            "self_edit_items": [p.self_edit_items for p in report.passages]}
 
 
 def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, seal_steps: int = 3,

@@ -73,6 +73,9 @@ class PassageReport:
     forgetting: dict[str, Any] | None = None
     error: str | None = None
     seconds: float = 0.0
+    # Seconds per stage (self-edit, questions, qa-before, replay-before, train,
+    # replay or qa-after, commit), summed over training attempts.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,6 +240,31 @@ class Learner:
         return [NewQA(q, a, "generated") for q, a in gen.kept]
 
     def learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress = _noop) -> PassageReport:
+        """Learn one passage; its report says how long each stage took (a stage
+        runs from its progress event to the next one)."""
+        stages: dict[str, float] = {}
+        current: list = [time.perf_counter(), None]
+
+        def close(stage: str | None) -> None:
+            t = time.perf_counter()
+            if current[1] is not None:
+                stages[current[1]] = stages.get(current[1], 0.0) + t - current[0]
+            current[:] = [t, stage]
+
+        def timed(stage: str, info: dict[str, Any]) -> None:
+            if stage != "step":
+                close(stage)
+            progress(stage, info)
+
+        try:
+            report = self._learn_passage(passage, index, doc_id, timed)
+        finally:
+            close(None)
+        report.stage_seconds = {k: round(v, 2) for k, v in stages.items()
+                                if k not in ("learned", "duplicate", "failed", "rejected")}
+        return report
+
+    def _learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress) -> PassageReport:
         t0 = time.perf_counter()
         h = passage.hash
         report = PassageReport(index=index, hash=h, status="failed", n_questions=len(passage.questions))
@@ -303,6 +331,7 @@ class Learner:
         if decision == "rejected":
             candidate.unload()
             return self._rejected(report, edit_id, doc_id, index, progress, t0)
+        progress("commit", {"index": index})
         report.version = self._commit(
             candidate, passage, doc_id, index, edit_id, edit.text, stats, report,
             new_qas=new_qas, gain_after=gain_after, replay_after=check_after,

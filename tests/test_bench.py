@@ -21,6 +21,7 @@ def test_bench_reports_every_figure(tiny_cfg):
     assert result["qa"]["questions"] == 16 and result["qa"]["questions_per_s"] > 0
     assert set(result["replay_search"]) == {"2000"}
     assert result["ingest"]["passages"] == 2 and result["ingest"]["seconds_per_passage"] > 0
+    assert [("train" in st) for st in result["ingest"]["stage_seconds"]] == [True, True]
     q = result["query_latency"]
     assert q["idle"]["requests"] == q["while_training"]["requests"] == 3 and q["idle"]["p50_s"] > 0
 

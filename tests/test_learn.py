@@ -42,6 +42,8 @@ def test_learn_makes_a_new_live_version_with_a_full_record(agent, docs):
     assert report["title"] == "The Normans" and report["self_edit"]["chars"] >= 0
     [p] = report["passage_reports"]
     assert p["train"]["steps"] == 2 * (p["self_edit_items"] + 1)  # 2 epochs x (items + passage)
+    assert {"self-edit", "train", "commit"} <= p["stage_seconds"].keys()
+    assert all(v >= 0 for v in p["stage_seconds"].values()) and sum(p["stage_seconds"].values()) <= p["seconds"] + 0.1
     manifest = agent.log.manifest(1)
     for key in ("version", "parent", "document", "passages", "self_edit", "lora", "train", "stats", "fingerprint"):
         assert key in manifest
