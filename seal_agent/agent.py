@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .learner import DocumentReport, Learner, Progress, _noop
 from .model.live import LiveModel
 from .model.loader import generate_dtype
 from .policy import Policy, load_active_policy
+from .policy_versions import PolicyVersions
 from .qa import Question, answer, evaluate
 from .replay import ReplayBank
 from .state import State
@@ -29,7 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PACKAGED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 # Tasks the daemon schedules (and `seal-agent schedule run` starts).
-TASKS = ("replay_check", "consolidate")
+TASKS = ("replay_check", "consolidate", "restem")
 
 
 def policy_dir(cfg: Config) -> Path:
@@ -51,6 +53,8 @@ class SealAgent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.state = State(cfg.state_path("database"))
         self.log = AdapterLog(cfg.state_path("adapters") / "knowledge")
+        # The promoted self-edit policy adapter (ReSTEM's line of versions).
+        self.policy_versions = PolicyVersions(self.state, cfg.state_path("adapters"), self.policy.name)
         self._live: LiveModel | None = None
         self._bank: ReplayBank | None = None
 
@@ -82,7 +86,8 @@ class SealAgent:
     # -- verbs -----------------------------------------------------------
     def learner(self, external: str | None = None) -> Learner:
         bank = self.bank if self.cfg.replay.enabled else None
-        return Learner(self.cfg, self.state, self.live, self.policy, bank, self.qa_policy, external=external)
+        return Learner(self.cfg, self.state, self.live, self.policy, bank, self.qa_policy, external=external,
+                       policy_versions=self.policy_versions)
 
     def learn(self, path: Path, progress: Progress = _noop, max_passages: int | None = None) -> DocumentReport:
         return self.learner().learn_file(path, progress, max_passages)
@@ -161,8 +166,9 @@ class SealAgent:
                 "accuracy": round(sum(s.correct for s in scored) / n, 4) if n else None,
                 "documents": documents}
 
-    def run_task(self, name: str) -> dict[str, Any]:
-        """Run one scheduled task now: `replay_check` (recorded as an event) or `consolidate`."""
+    def run_task(self, name: str, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        """Run one scheduled task now: `replay_check` (recorded as an event), `consolidate`,
+        or `restem` (a policy refresh; `should_stop` lets it end its sampling early)."""
         if name == "replay_check":
             result = self.replay_check(self.cfg.schedule.replay_check_sample or None)
             self.state.event("replay.check", f"version {result['version']}: replay accuracy "
@@ -171,7 +177,21 @@ class SealAgent:
             return result
         if name == "consolidate":
             return {"snapshot": self.live.consolidate()}
+        if name == "restem":
+            record = self.restem(should_stop=should_stop)
+            keys = ("round", "decision", "reason", "policy_version", "stopped_early", "seconds")
+            return {k: record[k] for k in keys}
         raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+
+    # -- ReSTEM ----------------------------------------------------------------
+    def restem(self, *, contexts: int | None = None, samples: int | None = None, seeds: int | None = None,
+               data: list[Path] = (), should_stop: Callable[[], bool] = lambda: False,
+               progress: Progress = _noop) -> dict[str, Any]:
+        """One ReSTEM refresh of the active policy; see restem.py. Returns its record."""
+        from .refresh import run_round
+
+        return run_round(self, contexts=contexts, samples=samples, seeds=seeds, data=list(data),
+                         should_stop=should_stop, progress=progress)
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest events, oldest first (decisions of the learner, rollbacks)."""

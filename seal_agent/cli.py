@@ -339,6 +339,123 @@ def rollback(ctx: click.Context, version: int, as_json: bool) -> None:
     )
 
 
+# -- ReSTEM and policy versions -----------------------------------------------
+
+class _RestemProgress:
+    def __init__(self):
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+        self.task = None
+
+    def __call__(self, stage: str, info: dict[str, Any]) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("ReSTEM", total=info.get("total", 1))
+        if stage == "context":
+            self.bar.update(self.task, description=f"sample+reward {info['index'] + 1}/{info['total']}: "
+                                                   f"{info['title'][:30]}")
+        elif stage == "rewarded":
+            self.bar.advance(self.task)
+            logging.getLogger("seal_agent.restem").info("context %d rewards %s", info["index"], info["rewards"])
+        elif stage == "sft":
+            self.bar.update(self.task, description=f"SFT on {info['pairs']} winners")
+        elif stage == "heldout":
+            self.bar.update(self.task, description=f"held-out test on {info['contexts']} contexts")
+
+
+@main.command("restem")
+@click.option("--contexts", type=int, default=None, help="Training contexts this round (default: restem.contexts).")
+@click.option("--samples", type=int, default=None, help="Self-edits sampled per context (default: restem.samples).")
+@click.option("--seeds", type=int, default=None, help="Inner-loop seeds per self-edit (default: restem.seeds).")
+@click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="SQuAD-style file whose passages are contexts too (repeatable; default: restem.data).")
+@click.option("--json", "as_json", is_flag=True, help="Print the round's record as one JSON object.")
+@global_options
+@click.pass_context
+@handle_errors
+def restem_cmd(ctx: click.Context, contexts: int | None, samples: int | None, seeds: int | None,
+               data: tuple[Path, ...], as_json: bool) -> None:
+    """Run one ReSTEM refresh of the self-edit policy now and print its record."""
+    agent = _agent(ctx)
+    _no_daemon(agent)
+    progress = _RestemProgress()
+    with progress.bar:
+        record = agent.restem(contexts=contexts, samples=samples, seeds=seeds, data=list(data),
+                              progress=progress)
+    if as_json:
+        emit_json(record)
+        return
+    rewards = [r["reward"] for r in record["rewards"] if r["reward"] is not None]
+    lines = [f"ReSTEM round {record['round']} ({record['policy']}, reward {record['reward_kind']}): "
+             f"{len(record['contexts'])} contexts x {record['samples_per_context']} samples, "
+             f"{len(record['winners'])} winners",
+             f"  mean reward {sum(rewards) / len(rewards):+.3f}" if rewards else "  no rewards"]
+    if record.get("stopped_early"):
+        lines.append(f"  {record['stopped_early']}")
+    if record["sft"]:
+        lines.append(f"  SFT: {record['sft']['pairs']} pairs, final loss {record['sft']['final_loss']}")
+    if record["heldout"]:
+        h = record["heldout"]
+        lines.append(f"  held-out ({len(h['contexts'])} contexts): current policy {h['old']:+.3f}, "
+                     f"new {h['new']:+.3f}")
+    lines.append(f"  decision: {record['decision']} ({record['reason']}); policy version {record['policy_version']}")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in record["stage_seconds"].items())
+    lines.append(f"  {record['seconds']:.0f}s ({stages})")
+    out.print("\n".join(lines), highlight=False)
+
+
+@main.group()
+def policy() -> None:
+    """Versions of the self-edit policy that ReSTEM trains: list, show, rollback."""
+
+
+@policy.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@global_options
+@click.pass_context
+@handle_errors
+def policy_list(ctx: click.Context, as_json: bool) -> None:
+    """The active policy's versions (0 = its prompt alone); * marks the promoted one."""
+    agent = _agent(ctx)
+    rows = agent.policy_versions.rows()
+    if as_json:
+        for r in rows:
+            emit_json(r)
+        return
+    table = Table(title=f"policy {agent.policy.name}")
+    for col in ("", "version", "parent", "created", "round", "winners", "held-out old -> new"):
+        table.add_column(col)
+    for r in rows:
+        held = "" if r["heldout_old"] is None else f"{r['heldout_old']:+.3f} -> {r['heldout_new']:+.3f}"
+        table.add_row("*" if r["active"] else "", str(r["version"]), str(r["parent"] if r["parent"] is not None else ""),
+                      r["created_at"] or "", str(r["round"] or ""), str(r["winners"] or ""), held)
+    out.print(table)
+
+
+@policy.command("show")
+@click.argument("version", type=int)
+@global_options
+@click.pass_context
+@handle_errors
+def policy_show(ctx: click.Context, version: int) -> None:
+    """A policy version's manifest (its round, winners, held-out result) as JSON."""
+    emit_json(_agent(ctx).policy_versions.manifest(version))
+
+
+@policy.command("rollback")
+@click.argument("version", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@global_options
+@click.pass_context
+@handle_errors
+def policy_rollback(ctx: click.Context, version: int, as_json: bool) -> None:
+    """Make policy VERSION the one that writes self-edits (0 = the prompt alone)."""
+    result = _agent(ctx).policy_versions.rollback(version)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"policy {result['policy']}: version {result['from']} -> {result['version']}", highlight=False)
+
+
 # -- replay --------------------------------------------------------------
 
 @main.group()
@@ -554,8 +671,12 @@ def schedule_run(ctx: click.Context, name: str, as_json: bool) -> None:
         text = f"queued as job {job_id} for the running daemon (pid {pid})"
     else:
         result = agent.run_task(name)
-        text = (f"version {result['version']}: {result['accuracy']} on {result['n']} replay QAs"
-                if name == "replay_check" else f"snapshot: {result['snapshot']}")
+        text = {
+            "replay_check": lambda r: f"version {r['version']}: {r['accuracy']} on {r['n']} replay QAs",
+            "consolidate": lambda r: f"snapshot: {r['snapshot']}",
+            "restem": lambda r: f"ReSTEM round {r['round']}: {r['decision']}, policy version "
+                                f"{r['policy_version']} ({r['reason']})",
+        }[name](result)
     if as_json:
         emit_json(result)
     else:
@@ -610,6 +731,9 @@ def _eval_options(f: Callable) -> Callable:
                      help="Model version every update starts from (0 = the base model)."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Directory for answers.jsonl, results.json, chart.png (default: STATE/eval/KIND-TIME)."),
+        click.option("--policy-version", type=int, default=None,
+                     help="Policy adapter that writes the self condition's self-edits "
+                          "(default: the promoted one; 0 = the prompt alone)."),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per condition."),
     ]
     for option in reversed(options):
@@ -635,7 +759,7 @@ def _eval_passages(cfg: Config, data: Path | None, n: int | None) -> tuple[Path,
 
 
 def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, conditions: str, seed: int,
-              from_version: int, out_dir: Path | None, as_json: bool) -> None:
+              from_version: int, out_dir: Path | None, as_json: bool, policy_version: int | None) -> None:
     from datetime import datetime
 
     from .evaluation import parse_conditions, run_eval, write_outputs
@@ -646,6 +770,8 @@ def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, c
     data, passages = _eval_passages(cfg, data, n)
     conds = parse_conditions(conditions, passages, cpt=kind == "cpt")
     judge = Judge(cfg.judge) if cfg.judge.base_url else None
+    policy_version = agent.policy_versions.active() if policy_version is None else policy_version
+    adapter = agent.policy_versions.adapter_dir(policy_version)
     model, tokenizer = agent.model_at(from_version)
     total = len(passages) * len(conds) if kind == "squad" else len(conds)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -663,11 +789,11 @@ def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, c
 
         t0 = datetime.now()
         run = run_eval(kind, cfg, model, tokenizer, agent.policy, passages, conds, judge=judge, seed=seed,
-                       progress=on)
+                       progress=on, policy_adapter=adapter)
     out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"{kind}-{t0:%Y%m%d-%H%M%S}"
     meta = {
         "data": str(data), "passages": len(passages), "seed": seed, "from_version": from_version,
-        "policy": agent.policy.name, "model": cfg.model.base, "started": t0.isoformat(timespec="seconds"),
+        "policy": agent.policy_versions.label(policy_version), "model": cfg.model.base, "started": t0.isoformat(timespec="seconds"),
         "title": f"seal-agent eval {kind}: {len(passages)} passages of {data.name}, {cfg.model.base}",
     }
     files = write_outputs(run, out_dir, meta)
@@ -695,9 +821,9 @@ def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, c
 @global_options
 @click.pass_context
 @handle_errors
-def eval_squad(ctx, data, n, seed, from_version, out, as_json, conditions) -> None:
+def eval_squad(ctx, data, n, seed, from_version, out, policy_version, as_json, conditions) -> None:
     """Single-passage setting: each passage learned independently from the same model."""
-    _run_eval(ctx, "squad", data, n, conditions, seed, from_version, out, as_json)
+    _run_eval(ctx, "squad", data, n, conditions, seed, from_version, out, as_json, policy_version)
 
 
 @eval_group.command("cpt")
@@ -707,9 +833,9 @@ def eval_squad(ctx, data, n, seed, from_version, out, as_json, conditions) -> No
 @global_options
 @click.pass_context
 @handle_errors
-def eval_cpt(ctx, data, n, seed, from_version, out, as_json, conditions) -> None:
+def eval_cpt(ctx, data, n, seed, from_version, out, policy_version, as_json, conditions) -> None:
     """Continued-pretraining setting: one update on N passages together, then all their questions."""
-    _run_eval(ctx, "cpt", data, n, conditions, seed, from_version, out, as_json)
+    _run_eval(ctx, "cpt", data, n, conditions, seed, from_version, out, as_json, policy_version)
 
 
 @eval_group.command("continual")

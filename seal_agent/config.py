@@ -211,6 +211,49 @@ class ScheduleConfig:
     replay_check_sample: int = 200
     # Consolidate a snapshot of the live weights (faster start-up).
     consolidate: str = "every 1d"
+    # A ReSTEM refresh of the self-edit policy (see [restem]).
+    restem: str = "cron 0 3 * * *"
+
+
+@dataclass
+class RestemConfig:
+    # One refresh: sample `samples` self-edits for each of `contexts` passages
+    # with the promoted policy, reward each by training it (scratch copy of the
+    # live weights) and asking the passage's questions, SFT a policy adapter
+    # on the winners, promote it only if it beats the current policy on
+    # held-out passages.
+    contexts: int = 8
+    samples: int = 4
+    seeds: int = 1                 # inner-loop seeds per self-edit, averaged
+    max_questions: int = 8         # questions per context used for rewards
+    # SQuAD-style files whose passages are contexts too (beside the replay bank's).
+    data: list[str] = field(default_factory=list)
+    # Share of all contexts (chosen by hash, stable forever) reserved for the
+    # promotion test: never sampled for training.
+    heldout_fraction: float = 0.2
+    heldout_contexts: int = 4      # held-out contexts compared per promotion test
+    # "train": reward = accuracy gain after training on the self-edit (the paper);
+    # "proxy": a cheap score of the self-edit text with no training (share of the
+    # passage's answers it states, times its share of grounded items);
+    # "both": winners by the trained reward, the proxy reported beside it.
+    reward: str = "train"
+    # A sample wins when its reward exceeds this (0: it must raise accuracy).
+    min_reward: float = 0.0
+    # Retention-aware reward: minus this times the share of previously-correct
+    # replay QAs the update got wrong (0 = the paper's reward).
+    retention_penalty: float = 0.0
+    replay_k: int = 4              # replay QAs per candidate for that penalty (nearest)
+    # Promote when the new policy's mean held-out gain beats the current one's by this.
+    promote_margin: float = 0.0
+    # The policy adapter's SFT.
+    lora_r: int = 16
+    lora_alpha: int = 32
+    epochs: int = 3
+    lr: float = 3e-4
+    # While a refresh runs in the daemon, documents arriving "queue" behind it,
+    # or it "yield"s: stops sampling at the next passage and finishes the round
+    # with what it has, so the documents are learned sooner.
+    on_document: str = "yield"
 
 
 @dataclass
@@ -237,6 +280,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    restem: RestemConfig = field(default_factory=RestemConfig)
     adapter_log: AdapterLogConfig = field(default_factory=AdapterLogConfig)
     # Directory that relative paths in the config are resolved against.
     root: Path = field(default_factory=Path.cwd, repr=False)
@@ -263,6 +307,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "qa.grader": ("contains", "exact", "f1"),
     "replay.embedder": ("minilm", "base-model"),
     "inbox.after": ("move", "keep"),
+    "restem.reward": ("train", "proxy", "both"),
+    "restem.on_document": ("queue", "yield"),
 }
 
 

@@ -374,7 +374,10 @@ class Daemon:
 
     def _run_job(self, job: Job) -> None:
         if job.kind == "task":
-            result = self.agent.run_task(job.name)
+            # A ReSTEM refresh holds the CPU for long: with restem.on_document = "yield"
+            # it ends its sampling early once a document is waiting.
+            result = self.agent.run_task(job.name, should_stop=lambda: self.cfg.restem.on_document == "yield"
+                                         and self.queue.waiting("document") > 0)
             self.queue.finish(job.id, "done", result=result)
             log.info("job %d: task %s done", job.id, job.name)
             return
@@ -431,6 +434,6 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
         "current_job": current_job,
         "decisions": decisions[-cfg.daemon.status_decisions:],
         "replay_bank": {"qas": bank["qas"], "documents": bank["documents"]},
-        "policy": {"name": cfg.policy.active, "version": 0},
+        "policy": {"name": cfg.policy.active, "version": agent.policy_versions.active()},
         "schedules": next_runs,
     }

@@ -156,8 +156,10 @@ class EvalRun:
 class Evaluator:
     """Runs conditions on a starting model; every update is trained and then removed."""
 
-    def __init__(self, cfg: Config, model, tokenizer, policy: Policy, judge=None, seed: int = 0):
+    def __init__(self, cfg: Config, model, tokenizer, policy: Policy, judge=None, seed: int = 0,
+                 policy_adapter: Path | None = None):
         self.cfg = cfg
+        self.policy_adapter = policy_adapter  # ReSTEM's policy adapter for the self condition
         self.model = model
         self.tokenizer = tokenizer
         self.policy = policy
@@ -173,7 +175,8 @@ class Evaluator:
             return self.policy.examples("", passage.title, passage.text)
         if condition == SELF:
             [edit] = write_self_edits(self.model, self.tokenizer, self.policy, passage, use_chat=self.use_chat,
-                                      dtype=self.gen_dtype, seed=self.seed * 100_003 + index)
+                                      dtype=self.gen_dtype, seed=self.seed * 100_003 + index,
+                                      adapter=self.policy_adapter)
             return edit.examples
         if condition.startswith(EXTERNAL):
             texts = passage.external_self_edits[condition[len(EXTERNAL):]]
@@ -292,9 +295,10 @@ def _ignore(_stage: str, _info: dict[str, Any]) -> None:
 
 
 def run_eval(kind: str, cfg: Config, model, tokenizer, policy: Policy, passages: list[Passage],
-             conditions: list[str], *, judge=None, seed: int = 0, progress: Progress = _ignore) -> EvalRun:
+             conditions: list[str], *, judge=None, seed: int = 0, progress: Progress = _ignore,
+             policy_adapter: Path | None = None) -> EvalRun:
     torch.manual_seed(seed)
-    evaluator = Evaluator(cfg, model, tokenizer, policy, judge=judge, seed=seed)
+    evaluator = Evaluator(cfg, model, tokenizer, policy, judge=judge, seed=seed, policy_adapter=policy_adapter)
     if kind == "cpt":
         return evaluator.cpt(passages, conditions, progress)
     return evaluator.squad(passages, conditions, progress)

@@ -108,5 +108,10 @@ class JobQueue:
         out.update({r["state"]: r["n"] for r in rows})
         return out
 
+    def waiting(self, kind: str = "document") -> int:
+        """Jobs of `kind` queued and not yet started."""
+        rows = self.state.query("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued' AND kind = ?", (kind,))
+        return rows[0]["n"]
+
     def recent(self, limit: int = 20) -> list[Job]:
         return [_job(r) for r in self.state.query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))]

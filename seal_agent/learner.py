@@ -39,6 +39,7 @@ from .inner_loop import Example, TrainStats, train_adapter
 from .model.live import LiveModel, fingerprints
 from .model.loader import generate_dtype, train_dtype
 from .policy import Policy
+from .policy_versions import PolicyVersions
 from .qa_gen import generate_qas
 from .replay import BankQA, NewQA, ReplayBank
 from .self_edit import SelfEdit, from_text, write_self_edits
@@ -164,7 +165,8 @@ class DocumentReport:
 
 class Learner:
     def __init__(self, cfg: Config, state: State, live: LiveModel, policy: Policy, bank: ReplayBank | None = None,
-                 qa_policy: Policy | None = None, external: str | None = None):
+                 qa_policy: Policy | None = None, external: str | None = None,
+                 policy_versions: PolicyVersions | None = None):
         self.cfg = cfg
         self.state = state
         self.live = live
@@ -173,6 +175,8 @@ class Learner:
         self.qa_policy = qa_policy  # None: passages without questions are not checked
         # Learn another model's self-edit carried by the data (eval), not our own.
         self.external = external
+        # The promoted policy adapter writes the self-edits (None: the prompt alone).
+        self.policy_versions = policy_versions
         self.train_dtype = train_dtype(cfg)
         self.generate_dtype = generate_dtype(cfg)
 
@@ -221,9 +225,15 @@ class Learner:
             texts = passage.external_self_edits.get(self.external)
             if texts:
                 return from_text(self.policy, passage, texts[0])
+        adapter = self.policy_versions.adapter_dir() if self.policy_versions else None
         [edit] = write_self_edits(self.live.model, self.live.tokenizer, self.policy, passage,
-                                  use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed)
+                                  use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed,
+                                  adapter=adapter)
         return edit
+
+    def _policy_label(self) -> str:
+        """Which policy wrote the self-edit: 'implications', or 'implications@v2' with a ReSTEM adapter."""
+        return self.policy_versions.label() if self.policy_versions else self.policy.name
 
     def _passage_qas(self, passage: Passage, seed: int, report: PassageReport) -> list[NewQA]:
         if passage.questions:
@@ -280,7 +290,7 @@ class Learner:
         seed = self._seed(h)
         progress("self-edit", {"index": index})
         edit = self._self_edit(passage, seed)
-        edit_id = self.state.add_self_edit(h, doc_id, self.policy.name, edit.prompt, edit.text, edit.n_items)
+        edit_id = self.state.add_self_edit(h, doc_id, self._policy_label(), edit.prompt, edit.text, edit.n_items)
         report.self_edit_chars, report.self_edit_items = len(edit.text), edit.n_items
 
         new_qas: list[NewQA] = []
@@ -454,7 +464,7 @@ class Learner:
             "created_at": now(),
             "document": {"id": doc_id, "path": self.state.document(doc_id)["path"]},
             "passages": [{"hash": passage.hash, "title": passage.title, "index": index}],
-            "policy": self.policy.name,
+            "policy": self._policy_label(),
             "self_edit": text,
             "lora": to_dict(self.cfg.lora),
             "train": {**to_dict(self.cfg.train), "dtype": str(self.train_dtype).removeprefix("torch.")},

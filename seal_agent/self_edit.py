@@ -1,10 +1,15 @@
-"""Writing self-edits: the model, prompted by a policy, writes training data for a passage."""
+"""Writing self-edits: the model, prompted by a policy (and, once ReSTEM has
+trained one, a policy adapter), writes training data for a passage."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from .documents import Passage
 from .inner_loop import Example
@@ -23,19 +28,38 @@ class SelfEdit:
         return len(self.examples) - 1
 
 
+@contextlib.contextmanager
+def policy_adapter(model, adapter_dir: Path | None) -> Iterator:
+    """`model` with a trained policy adapter (a LoRA from ReSTEM) attached; it is
+    taken off again afterwards, leaving `model`'s weights exactly as they were.
+    No adapter (policy version 0): `model` itself, prompted by the policy file."""
+    if adapter_dir is None:
+        yield model
+        return
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    peft_model.eval()
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()
+
+
 def write_self_edits(
     model, tokenizer, policy: Policy, passage: Passage, *, n: int = 1, use_chat: bool = True,
-    dtype: torch.dtype = torch.float32, seed: int = 0,
+    dtype: torch.dtype = torch.float32, seed: int = 0, adapter: Path | None = None,
 ) -> list[SelfEdit]:
-    """Sample `n` self-edits for one passage (batched)."""
+    """Sample `n` self-edits for one passage (batched), with the policy adapter if given."""
     prompt = policy.prompt(tokenizer, passage.title, passage.text, use_chat)
-    completions = generate(model, tokenizer, [prompt] * n, policy.sampling, compute_dtype=dtype, seed=seed,
-                           batch_size=n)
-    edits = []
-    for completion in completions:
-        text = policy.completion_text(tokenizer, completion, use_chat)
-        edits.append(SelfEdit(prompt, text, policy.examples(text, passage.title, passage.text)))
-    return edits
+    with policy_adapter(model, adapter) as writer:
+        completions = generate(writer, tokenizer, [prompt] * n, policy.sampling, compute_dtype=dtype, seed=seed,
+                               batch_size=n)
+    return [parse(policy, tokenizer, passage, prompt, c, use_chat) for c in completions]
+
+
+def parse(policy: Policy, tokenizer, passage: Passage, prompt: str, completion: str, use_chat: bool) -> SelfEdit:
+    """A sampled completion as a self-edit: its text as meant, its training examples."""
+    text = policy.completion_text(tokenizer, completion, use_chat)
+    return SelfEdit(prompt, text, policy.examples(text, passage.title, passage.text))
 
 
 def from_text(policy: Policy, passage: Passage, text: str) -> SelfEdit:

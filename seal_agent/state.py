@@ -122,6 +122,25 @@ SCHEMA = [
     CREATE INDEX jobs_state ON jobs(state);
     CREATE INDEX jobs_sha ON jobs(sha256);
     """,
+    # 4: ReSTEM (issue 6): every refresh round, and how often each context was used.
+    """
+    CREATE TABLE restem_rounds (
+        id INTEGER PRIMARY KEY,
+        policy TEXT NOT NULL,          -- the policy file's name (e.g. implications)
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        decision TEXT,                 -- promoted | kept | interrupted
+        policy_version INTEGER,        -- the promoted version after the round
+        record TEXT                    -- JSON: the round's full record
+    );
+    CREATE TABLE restem_contexts (
+        policy TEXT NOT NULL,
+        context_id TEXT NOT NULL,      -- passage hash
+        uses INTEGER NOT NULL DEFAULT 0,
+        last_round INTEGER,
+        PRIMARY KEY (policy, context_id)
+    );
+    """,
 ]
 
 

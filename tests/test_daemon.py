@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import write_config
+from conftest import SHARED_DATA, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +91,7 @@ poll_s = 0.2
 [schedule]
 replay_check = ""
 consolidate = ""
+restem = ""
 """)
     return cfg, inbox, tmp_path / "state"
 
@@ -277,3 +278,36 @@ def test_schedules_persist_run_through_the_queue_and_pause(setup, tmp_path):
         [sys.executable, "-m", "seal_agent", "--config", str(cfg), "schedule", "list", "--json"], cwd=ROOT,
         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines() if x.startswith("{")]
     assert [r["name"] for r in rows] == ["replay_check"]
+
+
+def test_a_restem_refresh_yields_to_a_waiting_document(setup, tmp_path):
+    cfg, inbox, state = setup
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps(json.loads((SHARED_DATA / "squad" / "train_pool.json").read_text())[:12]))
+    cfg.write_text(cfg.read_text() + f"""
+[restem]
+data = ["{pool}"]
+contexts = 6
+samples = 2
+max_questions = 2
+heldout_contexts = 1
+heldout_fraction = 0.25
+""")
+    d = Daemon(cfg, free_port(), "--inbox", str(inbox))
+    try:
+        d.wait_up()
+        r = subprocess.run([sys.executable, "-m", "seal_agent", "--config", str(cfg), "schedule", "run", "restem",
+                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert json.loads(r.stdout)["queued"] is True, r.stderr
+        d.wait_for(lambda: any(j["name"] == "restem" and j["state"] == "learning" for j in jobs(state)),
+                   what="the refresh to start")
+        (inbox / "normans.txt").write_text("The Normans were led by Rollo. They settled in Normandy.")
+        d.wait_for(lambda: (inbox / "done" / "normans.txt").exists(), what="normans.txt learned")
+        [job] = [j for j in jobs(state) if j["name"] == "restem"]
+        result = json.loads(job["result"])
+        assert job["state"] == "done" and "documents are waiting" in result["stopped_early"]
+        assert not result["stopped_early"].startswith("stopped after 6")
+        order = [j["name"] for j in sorted(jobs(state), key=lambda j: j["updated_at"])]
+        assert order.index("restem") < order.index("normans.txt")
+    finally:
+        d.stop()

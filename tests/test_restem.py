@@ -1,0 +1,189 @@
+"""ReSTEM: one refresh end to end on the tiny random model (real peft, real
+SQLite, real adapters on disk), the held-out split, promotion and rollback."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import SHARED_DATA, write_config
+from seal_agent import restem
+from seal_agent.cli import main
+
+TRAIN_POOL = SHARED_DATA / "squad" / "train_pool.json"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def jsonl(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def pool_file(tmp_path) -> Path:
+    """Twelve real SQuAD passages of the training pool (never the evaluation set)."""
+    items = json.loads(TRAIN_POOL.read_text())[:12]
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def restem_config(tmp_path, tiny_model_dir, extra: str) -> Path:
+    return write_config(tmp_path / "config.toml", tiny_model_dir, tmp_path / "state", extra=f"""
+[restem]
+contexts = 2
+samples = 2
+max_questions = 2
+heldout_fraction = 0.25
+heldout_contexts = 1
+epochs = 4
+lr = 1e-2
+{extra}
+""")
+
+
+def test_select_holds_out_a_fixed_slice_and_prefers_unused_then_recent():
+    class C:
+        def __init__(self, i, recency=0):
+            self.id, self.title, self.recency = f"ctx{i}", f"t{i}", recency
+
+    pool = [C(i, recency=i % 3) for i in range(200)]
+    held = {c.id for c in pool if restem.is_heldout(c.id, 0.2)}
+    assert 20 < len(held) < 60  # about a fifth
+    train, heldout = restem.select(pool, {}, 10, 5, 0.2)
+    assert len(train) == 10 and len(heldout) == 5
+    assert not {c.id for c in train} & held and {c.id for c in heldout} <= held
+    assert all(c.recency == 2 for c in train)  # never used: newest first
+    uses = {c.id: 1 for c in train}
+    train2, heldout2 = restem.select(pool, uses, 10, 5, 0.2)
+    assert not {c.id for c in train2} & {c.id for c in train}  # used ones go to the back
+    assert [c.id for c in heldout2] == [c.id for c in heldout]  # the same test set every round
+    assert restem.select(pool, {}, 10, 5, 0.0)[1] == []
+
+
+def test_refresh_end_to_end_promotes_a_version(tmp_path, tiny_model_dir, pool_file):
+    # Every sample "wins" and any new policy is promoted, so the whole path runs on a
+    # random model whose accuracy gains are noise; the decision rules have their own tests.
+    cfg = restem_config(tmp_path, tiny_model_dir, "min_reward = -2.0\npromote_margin = -3.0\nreward = \"both\"")
+    r = run("--config", cfg, "restem", "--data", pool_file, "--json")
+    assert r.exit_code == 0, r.output
+    [rec] = jsonl(r.stdout)
+    assert rec["decision"] == "promoted" and rec["policy_version"] == 1 and rec["parent_policy_version"] == 0
+    assert len(rec["contexts"]) == 2 and len(rec["samples"]) == 4 and len(rec["rewards"]) == 4
+    for row in rec["rewards"]:
+        assert row["before"] is not None and len(row["after"]) == 1 and row["seconds_train"] > 0
+        assert row["reward"] == row["gain"] and 0 <= row["proxy"] <= 1
+    assert len(rec["winners"]) == 2 and rec["sft"]["pairs"] == 2
+    assert rec["sft"]["epoch_losses"][-1] < rec["sft"]["epoch_losses"][0]  # the policy learned its winners
+    assert rec["proxy_agreement"]["contexts"] == 2
+    held = rec["heldout"]
+    assert set(held) >= {"old", "new", "contexts"} and len(held["old_gains"]) == 1
+    trained = {c["id"] for c in rec["contexts"]} | {w["context"] for w in rec["winners"]}
+    assert not trained & set(held["contexts"])
+    assert {"sample", "reward", "sft", "heldout"} <= rec["stage_seconds"].keys()
+    assert rec["seconds"] > 0 and rec["seconds_per_candidate"] > 0
+
+    adapter = tmp_path / "state" / "adapters" / "policy" / "implications" / "v0001"
+    assert (adapter / "adapter_model.safetensors").exists()
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    assert manifest["parent"] == 0 and manifest["round"] == rec["round"] and manifest["winners"] == 2
+
+    rows = jsonl(run("--config", cfg, "policy", "list", "--json").stdout)
+    assert [(x["version"], x["active"]) for x in rows] == [(0, False), (1, True)]
+    shown = jsonl(run("--config", cfg, "policy", "show", "1").stdout)[0]
+    assert shown["heldout"]["new"] == held["new"]
+
+    # A second round continues from version 1, on contexts not used yet, with the same test set.
+    r = run("--config", cfg, "restem", "--data", pool_file, "--json")
+    [rec2] = jsonl(r.stdout)
+    assert rec2["parent_policy_version"] == 1 and rec2["policy_version"] == 2
+    assert rec2["sft"]["continued_from_adapter"] is True
+    assert not {c["id"] for c in rec2["contexts"]} & {c["id"] for c in rec["contexts"]}
+    assert rec2["heldout"]["contexts"] == held["contexts"]
+    assert not {c["id"] for c in rec2["contexts"]} & set(held["contexts"])
+
+    r = run("--config", cfg, "policy", "rollback", "1", "--json")
+    assert jsonl(r.stdout)[0] == {"policy": "implications", "from": 2, "version": 1}
+    assert [x["version"] for x in jsonl(run("--config", cfg, "policy", "list", "--json").stdout)
+            if x["active"]] == [1]
+    r = run("--config", cfg, "policy", "rollback", "7")
+    assert r.exit_code != 0 and "no policy version 7" in r.output
+
+    # Learning writes its self-edits with the promoted policy, and says so.
+    note = tmp_path / "note.txt"
+    note.write_text("The Zorblax Prize was founded by Tomas Verhoeven in 1998 in Kalvik.")
+    assert run("--config", cfg, "learn", note).exit_code == 0
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "state" / "state" / "seal.db") as db:
+        assert db.execute("SELECT policy FROM self_edits").fetchall() == [("implications@v1",)]
+        events = [k for (k,) in db.execute("SELECT kind FROM events WHERE kind LIKE 'policy.%' OR kind = 'restem.round'")]
+        decisions = db.execute("SELECT decision, policy_version FROM restem_rounds ORDER BY id").fetchall()
+    assert events == ["policy.promote", "restem.round", "policy.promote", "restem.round", "policy.rollback"]
+    assert decisions == [("promoted", 1), ("promoted", 2)]
+
+
+def test_a_rejected_promotion_keeps_the_policy_version(tmp_path, tiny_model_dir, pool_file):
+    cfg = restem_config(tmp_path, tiny_model_dir, "min_reward = -2.0\npromote_margin = 5.0")
+    r = run("--config", cfg, "restem", "--data", pool_file, "--contexts", "1", "--samples", "1")
+    assert r.exit_code == 0, r.output
+    assert "decision: kept" in r.output and "policy version 0" in r.output
+    [rec] = jsonl(run("--config", cfg, "restem", "--data", pool_file, "--contexts", "1", "--samples", "1",
+                      "--json").stdout)
+    assert rec["decision"] == "kept" and rec["policy_version"] == 0 and "does not beat" in rec["reason"]
+    assert rec["sft"] is not None and rec["heldout"] is not None  # it was trained and tested, then refused
+    assert not (tmp_path / "state" / "adapters" / "policy" / "implications" / "v0001").exists()
+    assert [x["version"] for x in jsonl(run("--config", cfg, "policy", "list", "--json").stdout)] == [0]
+
+
+def test_no_winner_means_no_training_and_bad_input_is_refused(tmp_path, tiny_model_dir, pool_file):
+    # A random model's gains are never above 1: nothing wins, nothing is trained.
+    cfg = restem_config(tmp_path, tiny_model_dir, "min_reward = 1.0")
+    [rec] = jsonl(run("--config", cfg, "restem", "--data", pool_file, "--contexts", "1", "--samples", "1",
+                      "--json").stdout)
+    assert rec["winners"] == [] and rec["sft"] is None and rec["decision"] == "kept"
+    assert "nothing to learn from" in rec["reason"]
+    r = run("--config", cfg, "restem", "--data", tmp_path / "missing.json")
+    assert r.exit_code != 0 and "does not exist" in r.output
+    r = run("--config", cfg, "restem", "--samples", "0")
+    assert r.exit_code != 0 and "samples must be at least 1" in r.output
+    r = run("--config", cfg, "--set", "restem.reward=judge", "restem")
+    assert r.exit_code != 0 and "restem.reward" in r.output
+
+
+def test_proxy_reward_needs_no_training_and_yield_stops_early(tmp_path, tiny_model_dir, pool_file):
+    from seal_agent.agent import SealAgent
+    from seal_agent.config import load_config
+
+    cfg = load_config(restem_config(tmp_path, tiny_model_dir, 'reward = "proxy"\nmin_reward = -1.0'))
+    agent = SealAgent(cfg)
+    try:
+        rec = agent.restem(data=[pool_file], samples=1, contexts=1)
+        [row] = rec["rewards"]
+        assert row["gain"] is None and row["seconds_train"] is None and row["reward"] == row["proxy"]
+        stopped = agent.restem(data=[pool_file], should_stop=lambda: True)
+        assert stopped["stopped_early"].startswith("stopped after 0 of 2") and stopped["contexts"] == []
+        assert stopped["decision"] == "kept"
+    finally:
+        agent.close()
+
+
+def test_knowledge_proxy_scores_answer_coverage_and_grounding(tiny_cfg, smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from seal_agent.agent import policy_dir
+    from seal_agent.knowledge import KnowledgeContext, KnowledgeDomain
+    from seal_agent.policy import load_active_policy
+    from seal_agent.qa import Question
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    domain = KnowledgeDomain(tiny_cfg, tok, load_active_policy(policy_dir(tiny_cfg), "implications"))
+    ctx = KnowledgeContext("h", "Zorblax", "Tomas Verhoeven founded the Zorblax Prize in 1998 in Kalvik.",
+                           (Question("Who founded it?", "Tomas Verhoeven", "Zorblax"),
+                            Question("When?", "1998", "Zorblax")), "test")
+    assert domain.proxy(ctx, "1. Tomas Verhoeven founded the prize.\n2. It began in 1998.") == 1.0
+    assert domain.proxy(ctx, "1. Tomas Verhoeven founded the prize.\n2. It moved to Paris.") == 0.5 * 0.5
+    assert domain.proxy(ctx, "") == 0.0
