@@ -734,6 +734,8 @@ def _eval_options(f: Callable) -> Callable:
         click.option("--policy-version", type=int, default=None,
                      help="Policy adapter that writes the self condition's self-edits "
                           "(default: the promoted one; 0 = the prompt alone)."),
+        click.option("--policy-adapter", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+                     help="Or any policy adapter directory, e.g. a candidate ReSTEM did not promote."),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per condition."),
     ]
     for option in reversed(options):
@@ -759,7 +761,8 @@ def _eval_passages(cfg: Config, data: Path | None, n: int | None) -> tuple[Path,
 
 
 def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, conditions: str, seed: int,
-              from_version: int, out_dir: Path | None, as_json: bool, policy_version: int | None) -> None:
+              from_version: int, out_dir: Path | None, as_json: bool, policy_version: int | None,
+              policy_adapter: Path | None) -> None:
     from datetime import datetime
 
     from .evaluation import parse_conditions, run_eval, write_outputs
@@ -770,8 +773,11 @@ def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, c
     data, passages = _eval_passages(cfg, data, n)
     conds = parse_conditions(conditions, passages, cpt=kind == "cpt")
     judge = Judge(cfg.judge) if cfg.judge.base_url else None
+    if policy_adapter is not None and policy_version is not None:
+        raise SealError("give --policy-version or --policy-adapter, not both")
     policy_version = agent.policy_versions.active() if policy_version is None else policy_version
-    adapter = agent.policy_versions.adapter_dir(policy_version)
+    adapter = policy_adapter or agent.policy_versions.adapter_dir(policy_version)
+    policy_label = str(policy_adapter) if policy_adapter else agent.policy_versions.label(policy_version)
     model, tokenizer = agent.model_at(from_version)
     total = len(passages) * len(conds) if kind == "squad" else len(conds)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -793,7 +799,7 @@ def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, c
     out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"{kind}-{t0:%Y%m%d-%H%M%S}"
     meta = {
         "data": str(data), "passages": len(passages), "seed": seed, "from_version": from_version,
-        "policy": agent.policy_versions.label(policy_version), "model": cfg.model.base, "started": t0.isoformat(timespec="seconds"),
+        "policy": policy_label, "model": cfg.model.base, "started": t0.isoformat(timespec="seconds"),
         "title": f"seal-agent eval {kind}: {len(passages)} passages of {data.name}, {cfg.model.base}",
     }
     files = write_outputs(run, out_dir, meta)
@@ -821,9 +827,9 @@ def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, c
 @global_options
 @click.pass_context
 @handle_errors
-def eval_squad(ctx, data, n, seed, from_version, out, policy_version, as_json, conditions) -> None:
+def eval_squad(ctx, data, n, seed, from_version, out, policy_version, policy_adapter, as_json, conditions) -> None:
     """Single-passage setting: each passage learned independently from the same model."""
-    _run_eval(ctx, "squad", data, n, conditions, seed, from_version, out, as_json, policy_version)
+    _run_eval(ctx, "squad", data, n, conditions, seed, from_version, out, as_json, policy_version, policy_adapter)
 
 
 @eval_group.command("cpt")
@@ -833,9 +839,9 @@ def eval_squad(ctx, data, n, seed, from_version, out, policy_version, as_json, c
 @global_options
 @click.pass_context
 @handle_errors
-def eval_cpt(ctx, data, n, seed, from_version, out, policy_version, as_json, conditions) -> None:
+def eval_cpt(ctx, data, n, seed, from_version, out, policy_version, policy_adapter, as_json, conditions) -> None:
     """Continued-pretraining setting: one update on N passages together, then all their questions."""
-    _run_eval(ctx, "cpt", data, n, conditions, seed, from_version, out, as_json, policy_version)
+    _run_eval(ctx, "cpt", data, n, conditions, seed, from_version, out, as_json, policy_version, policy_adapter)
 
 
 @eval_group.command("continual")

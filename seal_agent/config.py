@@ -249,7 +249,7 @@ class RestemConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     epochs: int = 3
-    lr: float = 3e-4
+    lr: float = 1e-3
     # While a refresh runs in the daemon, documents arriving "queue" behind it,
     # or it "yield"s: stops sampling at the next passage and finishes the round
     # with what it has, so the documents are learned sooner.

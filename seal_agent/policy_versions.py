@@ -91,6 +91,15 @@ class PolicyVersions:
                              data={"policy": self.policy, "from": parent, "to": version, "round": round_id})
         return version
 
+    def keep_rejected(self, adapter_dir: Path, round_id: int, reason: str) -> Path:
+        """A trained candidate that was not promoted, kept for inspection (and
+        `eval squad --policy-adapter`); never used to write self-edits."""
+        dest = self.log.root / "rejected" / f"round-{round_id:04d}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(adapter_dir, dest, dirs_exist_ok=True)
+        (dest / "REJECTED.txt").write_text(reason + "\n", encoding="utf-8")
+        return dest
+
     def rollback(self, version: int) -> dict[str, Any]:
         self.manifest(version)  # exists?
         previous = self.active()

@@ -90,6 +90,8 @@ def run_round(agent: SealAgent, *, contexts: int | None, samples: int | None, se
             manifest["winners"] = len(rnd.winners)
             manifest["contexts"] = [c["id"] for c in rnd.contexts]
             version = versions.promote(rnd.candidate, manifest, round_id)
+        elif rnd.candidate is not None:
+            record["candidate_dir"] = str(versions.keep_rejected(rnd.candidate, round_id, rnd.reason))
         record["policy_version"] = version
         record["seconds"] = round(time.perf_counter() - t0, 2)
         used = [c["id"] for c in rnd.contexts]

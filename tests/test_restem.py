@@ -136,6 +136,8 @@ def test_a_rejected_promotion_keeps_the_policy_version(tmp_path, tiny_model_dir,
     assert rec["decision"] == "kept" and rec["policy_version"] == 0 and "does not beat" in rec["reason"]
     assert rec["sft"] is not None and rec["heldout"] is not None  # it was trained and tested, then refused
     assert not (tmp_path / "state" / "adapters" / "policy" / "implications" / "v0001").exists()
+    kept = Path(rec["candidate_dir"])  # the refused candidate stays inspectable, outside the version line
+    assert (kept / "adapter_model.safetensors").exists() and "does not beat" in (kept / "REJECTED.txt").read_text()
     assert [x["version"] for x in jsonl(run("--config", cfg, "policy", "list", "--json").stdout)] == [0]
 
 
