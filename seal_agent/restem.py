@@ -228,7 +228,8 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
         old = _heldout_gains(domain, model, heldout_contexts, current_adapter, before, settings)
         new = _heldout_gains(domain, model, heldout_contexts, rnd.candidate, before, settings)
         rnd.timed("heldout", time.perf_counter() - t0)
-        rnd.heldout = {"contexts": [c.id for c in heldout_contexts], "old": round(_mean(old), 4),
+        rnd.heldout = {"contexts": [c.id for c in heldout_contexts],
+                       "before": [round(before(c), 4) for c in heldout_contexts], "old": round(_mean(old), 4),
                        "new": round(_mean(new), 4), "old_gains": old, "new_gains": new,
                        "margin": cfg.promote_margin}
         if _mean(new) > _mean(old) + cfg.promote_margin:
@@ -251,6 +252,7 @@ def _reward(domain: Domain, model, ctx, si: int, completion: str, before: Callab
         row["proxy"] = round(domain.proxy(ctx, completion), 4)
     if cfg.reward in ("train", "both"):
         t0 = time.perf_counter()
+        b = before(ctx)  # on `model` itself, before any update is put on it
         update = domain.parse(ctx, completion)
         after, forgot = [], []
         for s in range(cfg.seeds):
@@ -260,7 +262,6 @@ def _reward(domain: Domain, model, ctx, si: int, completion: str, before: Callab
                     f = domain.forgetting(model, candidate, ctx)
                     if f is not None:
                         forgot.append(f)
-        b = before(ctx)
         gain = _mean(after) - b
         row.update(before=round(b, 4), after=[round(a, 4) for a in after], gain=round(gain, 4),
                    seconds_train=round(time.perf_counter() - t0, 2))
@@ -278,11 +279,12 @@ def _heldout_gains(domain: Domain, model, contexts: list[Any], adapter: Path | N
     (same sampling seed for every policy compared, so the comparison is paired)."""
     gains = []
     for hi, ctx in enumerate(contexts):
+        b = before(ctx)  # on `model` itself: inside apply() it would carry the update
         with policy_adapter(model, adapter) as writer:
             [completion] = domain.sample(writer, ctx, 1, settings.seed * 104729 + hi)
         update = domain.parse(ctx, completion)
         with domain.apply(model, update, settings.seed) as candidate:
-            gains.append(round(domain.score(candidate, ctx) - before(ctx), 4))
+            gains.append(round(domain.score(candidate, ctx) - b, 4))
     return gains
 
 

@@ -189,3 +189,118 @@ def test_knowledge_proxy_scores_answer_coverage_and_grounding(tiny_cfg, smollm2_
     assert domain.proxy(ctx, "1. Tomas Verhoeven founded the prize.\n2. It began in 1998.") == 1.0
     assert domain.proxy(ctx, "1. Tomas Verhoeven founded the prize.\n2. It moved to Paris.") == 0.5 * 0.5
     assert domain.proxy(ctx, "") == 0.0
+
+
+def test_retention_aware_reward_subtracts_the_forgetting_penalty(tmp_path, tiny_model_dir, pool_file, squad_file):
+    from seal_agent.agent import SealAgent
+    from seal_agent.config import load_config
+
+    # f1 >= 0 grades every answer right, so the replay QAs are "known" before the update.
+    cfg = load_config(restem_config(tmp_path, tiny_model_dir, "retention_penalty = 0.5\nreplay_k = 3"),
+                      overrides=["qa.grader=f1", "qa.f1_threshold=0.0"])
+    agent = SealAgent(cfg)
+    try:
+        assert agent.learn(squad_file).as_dict()["learned"] == 2  # the replay bank now has QAs
+        rec = agent.restem(data=[pool_file], samples=2, contexts=2)
+        # the bank's learned passages come first (newest), the file's after
+        assert any(c["id"] in {p for p in agent.state.learned_passages(agent.live.version)} for c in rec["contexts"])
+        for row in rec["rewards"]:
+            assert row["forgetting"] is not None and 0.0 <= row["forgetting"] <= 1.0
+            assert row["reward"] == pytest.approx(row["gain"] - 0.5 * row["forgetting"], abs=1e-3)
+    finally:
+        agent.close()
+
+
+# -- the loop is domain-generic: a second domain, written here -----------------
+
+class LikelihoodDomain:
+    """Contexts are texts; a self-edit is text the policy writes about the title;
+    applying it trains on it plus the text; the score is the model's mean
+    log-likelihood per token of the text. Small enough to check the loop's bookkeeping exactly."""
+
+    name = "likelihood"
+
+    def __init__(self, tokenizer, cfg):
+        self.tok, self.cfg = tokenizer, cfg
+
+    def prompt(self, ctx):
+        return f"Write about {ctx.title}:\n"
+
+    def sample(self, model, ctx, k, seed):
+        from seal_agent.model.generation import Sampling, generate
+
+        return generate(model, self.tok, [self.prompt(ctx)] * k, Sampling(max_new_tokens=8, temperature=1.0),
+                        seed=seed, batch_size=k)
+
+    def parse(self, ctx, completion):
+        from seal_agent.inner_loop import Example
+
+        return [Example("", f"{completion}\n{ctx.text}")]
+
+    def apply(self, model, update, seed):
+        import contextlib
+
+        from seal_agent.inner_loop import train_adapter
+
+        @contextlib.contextmanager
+        def applied():
+            candidate, _ = train_adapter(model, self.tok, update, self.cfg.lora, self.cfg.train, seed=seed)
+            try:
+                yield candidate
+            finally:
+                candidate.unload()
+
+        return applied()
+
+    def score(self, model, ctx):
+        import torch
+
+        ids = self.tok(ctx.text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            return -float(model(input_ids=ids, labels=ids).loss)
+
+    def forgetting(self, model, candidate, ctx):
+        return None
+
+    def proxy(self, ctx, completion):
+        return 0.0
+
+    def describe(self, ctx, completion):
+        return {"chars": len(completion)}
+
+
+def test_the_loop_runs_any_domain_and_measures_gains_against_the_untouched_model(tmp_path, tiny_model_dir, tiny_cfg):
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from seal_agent.model.live import weights_fingerprint
+
+    @dataclasses.dataclass(frozen=True)
+    class Text:
+        id: str
+        title: str
+        text: str
+        recency: int = 0
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    domain = LikelihoodDomain(tok, tiny_cfg)
+    texts = [Text(f"t{i}", f"topic {i}", f"Fact {i}: the zorblax number of topic {i} is {i * 7}.") for i in range(3)]
+    tiny_cfg.restem.min_reward, tiny_cfg.restem.promote_margin, tiny_cfg.restem.samples = -1.0, -1.0, 2
+    settings = restem.Settings(restem=tiny_cfg.restem, lora=tiny_cfg.lora, train=tiny_cfg.train)
+    clean = {t.id: domain.score(model, t) for t in texts}
+    fingerprint = weights_fingerprint(model)
+
+    rnd = restem.refresh(domain, model, tok, texts[:2], texts[2:], settings, None, tmp_path)
+
+    assert weights_fingerprint(model) == fingerprint  # every update was taken off again
+    for row in rnd.rewards:
+        assert row["before"] == pytest.approx(clean[row["context"]], abs=1e-4)
+        assert row["gain"] > 0  # training on the text raises its likelihood
+    assert rnd.heldout["before"] == [pytest.approx(clean["t2"], abs=1e-4)]
+    assert rnd.heldout["old_gains"][0] > 0 and rnd.heldout["new_gains"][0] > 0
+    assert rnd.decision == "promoted" and (rnd.candidate / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="held-out"):
+        restem.refresh(domain, model, tok, texts[:2], texts[1:2], settings, None, tmp_path)
