@@ -612,7 +612,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"jobs: {q['queued']} queued, {q['learning']} learning, {q['done']} done, {q['rejected']} rejected, "
         f"{q['failed']} failed",
         f"replay bank: {s['replay_bank']['qas']} QAs from {s['replay_bank']['documents']} documents",
-        f"policy: {s['policy']['name']} (version {s['policy']['version']})",
+        f"policy: {s['policy']['name']} (version {s['policy']['version']})" + (
+            f"; last ReSTEM round {r['round']}: {r['decision']} ({r['finished_at'] or 'running'})"
+            if (r := s["policy"]["last_round"]) else ""),
     ]
     for d in s["decisions"]:
         lines.append(f"  {d['ts']} {d['kind']}: {d['message']}")

@@ -231,7 +231,7 @@ class RestemConfig:
     # Share of all contexts (chosen by hash, stable forever) reserved for the
     # promotion test: never sampled for training.
     heldout_fraction: float = 0.2
-    heldout_contexts: int = 4      # held-out contexts compared per promotion test
+    heldout_contexts: int = 8      # held-out contexts compared per promotion test
     # "train": reward = accuracy gain after training on the self-edit (the paper);
     # "proxy": a cheap score of the self-edit text with no training (share of the
     # passage's answers it states, times its share of grounded items);

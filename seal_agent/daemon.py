@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import TASKS, SealAgent
+from .refresh import rounds
 from .config import Config, ScheduleConfig, _resolve
 from .documents import file_hash
 from .errors import ConfigError, DocumentError, SealError
@@ -415,12 +416,13 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
     row = state.version(live) if live is not None else None
     decisions = []
     for e in agent.events(200):
-        if e["kind"] in ("learn.accepted", "learn.rejected", "rollback"):
+        if e["kind"] in ("learn.accepted", "learn.rejected", "rollback", "restem.round", "policy.rollback"):
             f = (e["data"] or {}).get("forgetting") or {}
             decisions.append({"ts": e["ts"], "kind": e["kind"], "version": e["version"], "message": e["message"],
                               "forgetting": {k: f.get(k) for k in ("replay_n", "before", "after", "decision")}
                               if f else None})
     bank = replay_counts(state)
+    last_round = rounds(agent, 1)
     try:
         next_runs = schedule_rows(cfg.state_dir)
     except Exception:  # noqa: BLE001 - status must work without the scheduler store
@@ -434,6 +436,7 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
         "current_job": current_job,
         "decisions": decisions[-cfg.daemon.status_decisions:],
         "replay_bank": {"qas": bank["qas"], "documents": bank["documents"]},
-        "policy": {"name": cfg.policy.active, "version": agent.policy_versions.active()},
+        "policy": {"name": cfg.policy.active, "version": agent.policy_versions.active(),
+                   "last_round": last_round[0] if last_round else None},
         "schedules": next_runs,
     }

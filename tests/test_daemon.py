@@ -309,5 +309,7 @@ heldout_fraction = 0.25
         assert not result["stopped_early"].startswith("stopped after 6")
         order = [j["name"] for j in sorted(jobs(state), key=lambda j: j["updated_at"])]
         assert order.index("restem") < order.index("normans.txt")
+        last = d.status()["policy"]["last_round"]
+        assert last["round"] == result["round"] and last["decision"] == result["decision"]
     finally:
         d.stop()
