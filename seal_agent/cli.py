@@ -626,7 +626,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 @main.group()
 def schedule() -> None:
-    """The daemon's scheduled tasks (replay_check, consolidate): list, run now, pause, resume."""
+    """The daemon's scheduled tasks (replay_check, consolidate, restem): list, run now, pause, resume."""
 
 
 @schedule.command("list")

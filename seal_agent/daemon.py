@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from .agent import TASKS, SealAgent
-from .refresh import rounds
 from .config import Config, ScheduleConfig, _resolve
 from .documents import file_hash
 from .errors import ConfigError, DocumentError, SealError
 from .inbox import DONE, REJECTED, Inbox, ignored, move_to, problem
 from .jobs import ACTIVE, Job, JobQueue
+from .refresh import rounds
 from .replay import counts as replay_counts
 
 log = logging.getLogger("seal_agent.daemon")

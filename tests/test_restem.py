@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import SHARED_DATA, write_config
+
 from seal_agent import restem
 from seal_agent.cli import main
 
