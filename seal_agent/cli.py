@@ -747,16 +747,11 @@ def _eval_options(f: Callable) -> Callable:
 
 def _eval_passages(cfg: Config, data: Path | None, n: int | None) -> tuple[Path, list]:
     """The first n passages with questions of a SQuAD-style file (default: the dev set)."""
-    from .documents import read_document
+    from .documents import read_qa_passages
     from .evaluation import passage_subset
 
     data = data or (cfg.root / DEFAULT_EVAL_DATA)
-    if not data.exists():
-        raise SealError(f"evaluation data {data} does not exist; pass --data FILE (SQuAD-style JSON)")
-    doc = read_document(data, lambda t: len(t.split()), 10**9)
-    if doc.kind != "squad":
-        raise SealError(f"{data}: evaluation needs a SQuAD-style .json/.jsonl file with questions")
-    passages = [p for p in passage_subset(doc.passages, n) if p.questions]
+    passages = [p for p in passage_subset(read_qa_passages(data, "evaluation"), n) if p.questions]
     if not passages:
         raise SealError(f"{data}: no passages with questions")
     return data, passages

@@ -311,3 +311,15 @@ def split_text(text: str, count_tokens: CountTokens, max_tokens: int, min_tokens
         if count_tokens(merged) <= max_tokens:
             passages[-2:] = [merged]
     return passages
+
+
+def read_qa_passages(path: Path, purpose: str) -> list[Passage]:
+    """The passages of a SQuAD-style file (for evaluation, ReSTEM); raises
+    DocumentError naming `purpose` when the file is missing or of another kind."""
+    path = Path(path)
+    if not path.exists():
+        raise DocumentError(f"{purpose} data {path} does not exist; pass --data FILE (SQuAD-style JSON)")
+    doc = read_document(path, lambda t: len(t.split()), 10**9)
+    if doc.kind != "squad":
+        raise DocumentError(f"{path}: {purpose} needs a SQuAD-style .json/.jsonl file with questions")
+    return doc.passages

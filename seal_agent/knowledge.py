@@ -19,11 +19,10 @@ from .config import Config
 from .documents import Passage
 from .grading import contains
 from .inner_loop import train_adapter
-from .model.generation import generate
 from .model.loader import generate_dtype, train_dtype
 from .policy import Policy, ungrounded_terms
 from .replay import ReplayBank
-from .self_edit import SelfEdit, parse
+from .self_edit import SelfEdit, parse, sample
 from .state import State
 
 
@@ -68,7 +67,7 @@ class KnowledgeDomain:
     name = "knowledge"
 
     def __init__(self, cfg: Config, tokenizer, policy: Policy, bank: ReplayBank | None = None,
-                 lineage: list[int] | None = None, live_version: int | None = None):
+                 lineage: list[int] | None = None, live_version: int = 0):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.policy = policy
@@ -78,14 +77,13 @@ class KnowledgeDomain:
         self.use_chat = cfg.model.use_chat_template
         self.gen_dtype = generate_dtype(cfg)
         self.train_dtype = train_dtype(cfg)
-        self._replay_before: dict[str, tuple[list, dict[int, bool]]] = {}
+        self._replay_before: dict[str, list] = {}  # per context: nearby replay QAs `model` answers right
 
     def prompt(self, ctx: KnowledgeContext) -> str:
         return self.policy.prompt(self.tokenizer, ctx.title, ctx.text, self.use_chat)
 
     def sample(self, model, ctx: KnowledgeContext, k: int, seed: int) -> list[str]:
-        return generate(model, self.tokenizer, [self.prompt(ctx)] * k, self.policy.sampling,
-                        compute_dtype=self.gen_dtype, seed=seed, batch_size=k)
+        return sample(model, self.tokenizer, self.policy, self.prompt(ctx), k, self.gen_dtype, seed)
 
     def parse(self, ctx: KnowledgeContext, completion: str) -> SelfEdit:
         return parse(self.policy, self.tokenizer, ctx.passage, self.prompt(ctx), completion, self.use_chat)
@@ -112,13 +110,11 @@ class KnowledgeDomain:
             return None
         if ctx.id not in self._replay_before:
             nearest, _ = self.bank.replay_sample(ctx.text, self.lineage, self.cfg.restem.replay_k, 0, ctx.id)
-            cached = self.bank.cached(self.live_version, [q.id for q in nearest]) \
-                if self.live_version is not None else {}
-            missing = [q for q in nearest if q.id not in cached]
-            scored = self._scored(model, [q.as_question() for q in missing])
-            cached.update({q.id: s.correct for q, s in zip(missing, scored)})
-            self._replay_before[ctx.id] = ([q for q in nearest if cached[q.id]], cached)
-        known, _ = self._replay_before[ctx.id]
+            # `model` holds the live version's weights: its answers are the live version's.
+            right = self.bank.correctness(self.live_version, nearest,
+                                          lambda qas: self._scored(model, [q.as_question() for q in qas]))
+            self._replay_before[ctx.id] = [q for q in nearest if right[q.id]]
+        known = self._replay_before[ctx.id]
         if not known:
             return None
         after = self._scored(candidate, [q.as_question() for q in known])

@@ -390,14 +390,12 @@ class Learner:
             passage.text, lineage, self.cfg.replay.nearest_k, self.cfg.replay.random_m, passage.hash,
             seed=self._seed(passage.hash))
         replay = nearest + others
-        before = self.bank.cached(self.live.version, [q.id for q in replay])
-        missing = [q for q in replay if q.id not in before]
-        if missing:
+
+        def score(missing: list[BankQA]) -> list[qa_mod.Scored]:
             progress("replay-before", {"index": index, "n": len(missing)})
-            scored = self._score(self.live.model, [q.as_question() for q in missing])
-            self.bank.record(self.live.version, [(q.id, s.correct, s.prediction) for q, s in zip(missing, scored)])
-            before.update({q.id: s.correct for q, s in zip(missing, scored)})
-        return replay, [q.id for q in nearest], before
+            return self._score(self.live.model, [q.as_question() for q in missing])
+
+        return replay, [q.id for q in nearest], self.bank.correctness(self.live.version, replay, score)
 
     def _rehearsal(self, check: forgetting.Check, replay: list[BankQA], n_new: int) -> list[Example]:
         """Training sequences of the passages behind the forgotten QAs, then the

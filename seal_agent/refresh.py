@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import restem
-from .documents import read_document
+from .documents import read_qa_passages
 from .errors import SealError
 from .knowledge import KnowledgeContext, KnowledgeDomain, bank_contexts, file_contexts
 from .model.loader import train_dtype
@@ -31,15 +31,8 @@ if TYPE_CHECKING:
 
 
 def data_contexts(paths: list[Path], max_questions: int) -> list[KnowledgeContext]:
-    out: list[KnowledgeContext] = []
-    for path in paths:
-        if not path.exists():
-            raise SealError(f"ReSTEM data {path} does not exist")
-        doc = read_document(path, lambda t: len(t.split()), 10**9)
-        if doc.kind != "squad":
-            raise SealError(f"{path}: ReSTEM data must be a SQuAD-style .json/.jsonl file with questions")
-        out.extend(file_contexts(doc.passages, path.name, max_questions))
-    return out
+    return [c for path in paths
+            for c in file_contexts(read_qa_passages(path, "ReSTEM"), Path(path).name, max_questions)]
 
 
 def _uses(agent: SealAgent, policy: str) -> dict[str, int]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 
 from .embedding import Embedder
-from .qa import Question
+from .qa import Question, Scored
 from .state import State, now
 
 
@@ -204,6 +204,18 @@ class ReplayBank:
             f"SELECT qa_id, correct FROM qa_results WHERE version = ? AND qa_id IN ({','.join('?' * len(ids))})",
             (version, *ids))
         return {r["qa_id"]: bool(r["correct"]) for r in rows}
+
+    def correctness(self, version: int, qas: list[BankQA],
+                    score: Callable[[list[BankQA]], list[Scored]]) -> dict[int, bool]:
+        """Whether `version` answers each QA right: from the cache where known; the
+        rest scored with `score` (a model holding `version`'s weights) and cached."""
+        known = self.cached(version, [q.id for q in qas])
+        missing = [q for q in qas if q.id not in known]
+        if missing:
+            scored = score(missing)
+            self.record(version, [(q.id, s.correct, s.prediction) for q, s in zip(missing, scored)])
+            known.update({q.id: s.correct for q, s in zip(missing, scored)})
+        return known
 
     def search(self, text: str, k: int, allowed: Iterable[int] | None = None) -> list[tuple[BankQA, float]]:
         """The k QAs nearest to `text` (cosine), optionally only among `allowed` ids."""

@@ -51,9 +51,13 @@ def write_self_edits(
     """Sample `n` self-edits for one passage (batched), with the policy adapter if given."""
     prompt = policy.prompt(tokenizer, passage.title, passage.text, use_chat)
     with policy_adapter(model, adapter) as writer:
-        completions = generate(writer, tokenizer, [prompt] * n, policy.sampling, compute_dtype=dtype, seed=seed,
-                               batch_size=n)
+        completions = sample(writer, tokenizer, policy, prompt, n, dtype, seed)
     return [parse(policy, tokenizer, passage, prompt, c, use_chat) for c in completions]
+
+
+def sample(model, tokenizer, policy: Policy, prompt: str, n: int, dtype: torch.dtype, seed: int) -> list[str]:
+    """`n` raw completions of a policy prompt, sampled as the policy file says, in one batch."""
+    return generate(model, tokenizer, [prompt] * n, policy.sampling, compute_dtype=dtype, seed=seed, batch_size=n)
 
 
 def parse(policy: Policy, tokenizer, passage: Passage, prompt: str, completion: str, use_chat: bool) -> SelfEdit:
