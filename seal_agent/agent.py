@@ -18,7 +18,7 @@ from .documents import SUPPORTED
 from .errors import SealError
 from .learner import DocumentReport, Learner, Progress, _noop
 from .model.live import LiveModel
-from .model.loader import generate_dtype
+from .model.loader import answer_dtype
 from .policy import Policy, load_active_policy
 from .policy_versions import PolicyVersions
 from .qa import Question, answer, evaluate
@@ -96,7 +96,7 @@ class SealAgent:
         live = self.live
         [text] = answer(
             live.model, live.tokenizer, [Question(question, "")], self.cfg.qa,
-            use_chat=self.cfg.model.use_chat_template, compute_dtype=generate_dtype(self.cfg),
+            use_chat=self.cfg.model.use_chat_template, compute_dtype=answer_dtype(self.cfg),
             max_new_tokens=max_new_tokens,
         )
         return {"question": question, "answer": text, "version": live.version}
@@ -150,7 +150,7 @@ class SealAgent:
             qas = sorted(random.Random(seed).sample(qas, sample), key=lambda q: q.id)
         scored = evaluate(live.model, live.tokenizer, [q.as_question() for q in qas],
                           self.cfg.qa, use_chat=self.cfg.model.use_chat_template,
-                          compute_dtype=generate_dtype(self.cfg))
+                          compute_dtype=answer_dtype(self.cfg))
         self.bank.record(live.version, [(q.id, s.correct, s.prediction) for q, s in zip(qas, scored)])
         per_doc: dict[int | None, list[bool]] = {}
         for q, s in zip(qas, scored):

@@ -33,7 +33,7 @@ import torch
 from .config import Config
 from .inner_loop import Example, attach_lora, tokenize, train
 from .model.generation import Sampling, generate
-from .model.loader import generate_dtype, load_model, load_tokenizer, resolve_base, train_dtype
+from .model.loader import answer_dtype, generate_dtype, load_model, load_tokenizer, resolve_base, train_dtype
 from .policy import Policy
 
 BENCH_TITLE = "The Zorblax Prize"
@@ -44,6 +44,14 @@ BENCH_PASSAGE = (
     "metres below the surface of the Adriatic Sea near Split. The library holds about 4,000 waterproof "
     "books and is reached through a glass tunnel from the shore. Earlier winners include the Dutch studio "
     "Hollandse Diepte, which built a floating school, and the Chilean architect Rosa Quintero."
+)
+# A second, unrelated passage for the ingest benchmark (the model cannot know it either).
+BENCH_PASSAGE_2 = (
+    "The Velmora Observatory stands on Mount Ketter, 3,100 metres above sea level, in the highlands of "
+    "Patagonia. It opened in 2009 and is run by the University of Santa Irene. Its main telescope, named "
+    "Aurelia, has a mirror 6.5 metres wide and was built in Italy. Astronomers at Velmora discovered the comet "
+    "Velmora-Dutt in 2017, together with the Indian astronomer Priya Dutt. The observatory closes every July, "
+    "when snow blocks the only road to the summit."
 )
 BENCH_SELF_EDIT = "\n".join([
     "1. The Zorblax Prize recognises achievements in underwater architecture.",
@@ -146,21 +154,21 @@ def trainer_reference(model, tokenizer, examples, cfg: Config, pad_to: int | Non
     return out
 
 
-def generation_speed(model, tokenizer, policy: Policy, cfg: Config) -> dict[str, Any]:
+def generation_speed(model, tokenizer, policy: Policy, cfg: Config, dtype: torch.dtype) -> dict[str, Any]:
     prompt = policy.prompt(tokenizer, BENCH_TITLE, BENCH_PASSAGE, cfg.model.use_chat_template)
     out = {}
     for batch in (1, 8):
         sampling = Sampling(max_new_tokens=96, temperature=1.0, top_p=0.95)
         t0 = time.perf_counter()
-        texts = generate(model, tokenizer, [prompt] * batch, sampling, compute_dtype=generate_dtype(cfg),
-                         seed=0, batch_size=batch)
+        texts = generate(model, tokenizer, [prompt] * batch, sampling, compute_dtype=dtype, seed=0,
+                         batch_size=batch)
         seconds = time.perf_counter() - t0
         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         out[f"batch_{batch}"] = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
     return out
 
 
-def qa_speed(model, tokenizer, cfg: Config) -> dict[str, Any]:
+def qa_speed(model, tokenizer, cfg: Config, batch_size: int | None = None) -> dict[str, Any]:
     from .qa import Question, evaluate
 
     questions = [Question(q, "x", BENCH_TITLE) for q in (
@@ -168,11 +176,12 @@ def qa_speed(model, tokenizer, cfg: Config) -> dict[str, Any]:
         "How often is the prize awarded?", "What did Mirela Ostrova design?", "How deep is the Coral Library?",
         "How many books does the Coral Library hold?", "Which Dutch studio won the prize?",
     )] * 2
+    qa_cfg = dataclasses.replace(cfg.qa, batch_size=batch_size or cfg.qa.batch_size)
     t0 = time.perf_counter()
-    evaluate(model, tokenizer, questions, cfg.qa, use_chat=cfg.model.use_chat_template,
-             compute_dtype=generate_dtype(cfg))
+    evaluate(model, tokenizer, questions, qa_cfg, use_chat=cfg.model.use_chat_template,
+             compute_dtype=answer_dtype(cfg))
     seconds = time.perf_counter() - t0
-    return {"questions": len(questions), "seconds": round(seconds, 2),
+    return {"questions": len(questions), "seconds": round(seconds, 2), "batch_size": qa_cfg.batch_size,
             "questions_per_s": round(len(questions) / seconds, 2), "max_new_tokens": cfg.qa.max_new_tokens}
 
 
@@ -203,12 +212,16 @@ def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8
 
 
 def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
-    """`learn` on a small two-passage document in a scratch state directory."""
+    """`learn` on a small three-passage document in a scratch state directory:
+    a new passage; a near copy of it about another prize (its first update
+    tends to overwrite the first passage's answers: the forgetting gate's
+    rehearsal retry); an unrelated new passage."""
     from .agent import SealAgent
 
     with tempfile.TemporaryDirectory() as tmp:
         doc = Path(tmp) / "zorblax.md"
-        doc.write_text(f"# {BENCH_TITLE}\n\n{BENCH_PASSAGE}\n\n" + BENCH_PASSAGE.replace("Zorblax", "Quillon"))
+        doc.write_text(f"# {BENCH_TITLE}\n\n{BENCH_PASSAGE}\n\n" + BENCH_PASSAGE.replace("Zorblax", "Quillon")
+                       + f"\n\n{BENCH_PASSAGE_2}\n")
         scratch = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, state_dir=str(Path(tmp) / "state"),
                                                                     models=str(models_dir)),
                                       split=dataclasses.replace(cfg.split, max_tokens=160))
@@ -222,6 +235,8 @@ def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
             agent.close()
     n = len(report.passages)
     return {"passages": n, "seconds": round(seconds, 1), "seconds_per_passage": round(seconds / n, 1),
+            "passage_seconds": [round(p.seconds, 1) for p in report.passages],
+            "statuses": [p.status for p in report.passages],
             "train_seconds_per_passage": round(sum(p.train["seconds"] for p in report.passages if p.train) / n, 1),
             "stage_seconds": [p.stage_seconds for p in report.passages],
             "attempts": [(p.forgetting or {}).get("attempts") for p in report.passages],
@@ -269,9 +284,13 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
     result["inner_loop_peak_fraction_of"] = f"bf16 GEMM peak (ours runs {peak_dtype})"
 
     log("self-edit generation ...")
-    result["generation"] = generation_speed(model, tokenizer, policy, cfg)
+    result["generation"] = {**generation_speed(model, tokenizer, policy, cfg, generate_dtype(cfg)),
+                            "dtype": str(generate_dtype(cfg)).removeprefix("torch.")}
+    if generate_dtype(cfg) != torch.float32:  # side by side: what holding the weights in bf16 buys
+        result["generation_fp32"] = generation_speed(model, tokenizer, policy, cfg, torch.float32)
     log("QA evaluation ...")
     result["qa"] = qa_speed(model, tokenizer, cfg)
+    result["qa_batch_8"] = qa_speed(model, tokenizer, cfg, batch_size=8)  # side by side: the old default
     del model
     gc.collect()
     log("replay search (FAISS) ...")
@@ -301,7 +320,8 @@ def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: i
     base_dir = resolve_base(cfg)
     tokenizer = load_tokenizer(base_dir)
     live = load_model(base_dir, cfg)
-    served = Served(copy.deepcopy(live), tokenizer, 0, use_chat=cfg.model.use_chat_template)
+    served = Served(copy.deepcopy(live), tokenizer, 0, use_chat=cfg.model.use_chat_template,
+                    dtype=answer_dtype(cfg))
     daemon = types.SimpleNamespace(cfg=cfg, served=served, started=time.time(), queue=None)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -145,7 +145,7 @@ class _LearnProgress:
             self.doc_task = p.add_task(f"{info['title'][:40]}", total=info["passages"])
         elif stage == "passage":
             p.update(self.doc_task, description=f"passage {info['index'] + 1}/{info['total']}")
-        elif stage in ("self-edit", "questions", "qa-before", "replay-before", "replay", "qa-after", "commit"):
+        elif stage in ("self-edit", "questions", "qa-before", "replay", "qa-after", "commit"):
             p.update(self.doc_task, description=f"passage {info['index'] + 1}: {stage}")
         elif stage == "train":
             if self.step_task is not None:

@@ -43,9 +43,15 @@ class ModelConfig:
     # Matmul dtype of the inner loop: "auto" = bfloat16 where the CPU has native
     # bf16 support (1.3x faster here, learns as well), else float32.
     train_dtype: str = "auto"
-    # Matmul dtype for generation and evaluation. float32: unbatched decoding is
-    # faster in fp32 on this CPU, and bf16 would round away small merged deltas.
-    generate_dtype: str = "float32"
+    # Matmul dtype for writing: self-edits, model-written QAs, ReSTEM's samples.
+    # "auto" = bfloat16 where the CPU has it natively; the fp32 weights are held
+    # in bf16 for each generate call (model/precision.py): ~2x faster here.
+    generate_dtype: str = "auto"
+    # Matmul dtype for answering: the forgetting gate's checks, eval, the API.
+    # float32, so that what the gate checked (and cached) is what is served: bf16
+    # answers change with the batch's shape and between a LoRA candidate and its
+    # merged weights, enough to flip greedy answers (BENCHMARKS.md).
+    answer_dtype: str = "float32"
     # Attention kernel: "eager" (plain matmuls) trains ~20% faster on this CPU
     # than torch's CPU flash attention ("sdpa") for rows of a few hundred tokens.
     attn_implementation: str = "eager"
@@ -125,8 +131,9 @@ class QAConfig:
     grader: str = "contains"
     f1_threshold: float = 0.5
     max_new_tokens: int = 64
-    # Questions answered per batched generate call.
-    batch_size: int = 8
+    # Questions answered per batched generate call (on CPU, 24 questions in one
+    # batch take 0.6x the time of three batches of 8).
+    batch_size: int = 32
 
 
 @dataclass
@@ -159,12 +166,17 @@ class ReplayConfig:
     random_m: int = 8
     # Largest share of previously-correct replay QAs an update may get wrong.
     max_forgetting: float = 0.0
-    # Training attempts per update: the first plain, the rest with rehearsal.
+    # Training attempts per update (the retries rehearse what the last one forgot).
     attempts: int = 2
     # Rehearsal sequences (passages and self-edits behind the flipped and
     # nearest QAs) per training sequence of the update.
     rehearsal_ratio: float = 1.0
     rehearsal_passages: int = 4
+    # true: the first attempt already rehearses the passages behind the nearest
+    # replay QAs; false: the first attempt is plain, only a retry rehearses.
+    # On 8 passages in sequence: same 4 accepted, each in one attempt instead of
+    # two, more retained at the end (BENCHMARKS.md).
+    rehearse_first: bool = True
 
 
 @dataclass
@@ -301,6 +313,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.train_dtype": ("auto", "float32", "bfloat16"),
     "model.generate_dtype": ("auto", "float32", "bfloat16"),
+    "model.answer_dtype": ("auto", "float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("eager", "sdpa"),
     "train.loss_on": ("all", "completion"),

@@ -20,7 +20,7 @@ from typing import Any
 from . import qa as qa_mod
 from .config import Config
 from .documents import Passage
-from .model.loader import generate_dtype
+from .model.loader import answer_dtype
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -78,7 +78,7 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
         def accuracies(upto: int) -> list[float | None]:
             flat = [q for qs in questions[:upto] for q in qs]
             scored = qa_mod.evaluate(live.model, live.tokenizer, flat, cfg.qa, use_chat=cfg.model.use_chat_template,
-                                     compute_dtype=generate_dtype(cfg))
+                                     compute_dtype=answer_dtype(cfg))
             out, i = [], 0
             for qs in questions[:upto]:
                 out.append(qa_mod.accuracy(scored[i:i + len(qs)]))

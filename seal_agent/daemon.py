@@ -35,6 +35,7 @@ from .documents import file_hash
 from .errors import ConfigError, DocumentError, SealError
 from .inbox import DONE, REJECTED, Inbox, ignored, move_to, problem
 from .jobs import ACTIVE, Job, JobQueue
+from .model.loader import answer_dtype
 from .refresh import rounds
 from .replay import counts as replay_counts
 
@@ -232,7 +233,7 @@ class Daemon:
 
             live = self.agent.live
             self.served = Served(copy.deepcopy(live.model), live.tokenizer, live.version,
-                                 use_chat=self.cfg.model.use_chat_template)
+                                 use_chat=self.cfg.model.use_chat_template, dtype=answer_dtype(self.cfg))
             self.agent.bank  # noqa: B018 - load the embedder now, not during the first job
             _CURRENT = self
             self.inbox = Inbox(self.inbox_dir, self.cfg.inbox, self.take)

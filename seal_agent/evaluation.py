@@ -35,7 +35,7 @@ from .config import Config
 from .documents import Passage
 from .errors import SealError
 from .inner_loop import Example, train_adapter
-from .model.loader import generate_dtype, train_dtype
+from .model.loader import answer_dtype, generate_dtype, train_dtype
 from .policy import Policy
 from .self_edit import from_text, write_self_edits
 
@@ -167,6 +167,7 @@ class Evaluator:
         self.seed = seed
         self.use_chat = cfg.model.use_chat_template
         self.gen_dtype = generate_dtype(cfg)
+        self.answer_dtype = answer_dtype(cfg)
         self.train_dtype = train_dtype(cfg)
 
     # -- building blocks -------------------------------------------------
@@ -187,7 +188,7 @@ class Evaluator:
         questions = [(i, q) for i, p in passages for q in qa_mod.questions_of(p.title, p.questions, p.text)]
         scored = qa_mod.evaluate(
             model, self.tokenizer, [q for _, q in questions], self.cfg.qa, use_chat=self.use_chat,
-            compute_dtype=self.gen_dtype, in_context=condition == IN_CONTEXT,
+            compute_dtype=self.answer_dtype, in_context=condition == IN_CONTEXT,
         )
         records = [
             Record(condition, i, s.question.title, s.question.question, s.question.answer, s.prediction, s.correct)

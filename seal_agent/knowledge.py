@@ -19,7 +19,7 @@ from .config import Config
 from .documents import Passage
 from .grading import contains
 from .inner_loop import train_adapter
-from .model.loader import generate_dtype, train_dtype
+from .model.loader import answer_dtype, generate_dtype, train_dtype
 from .policy import Policy, ungrounded_terms
 from .replay import ReplayBank
 from .self_edit import SelfEdit, parse, sample
@@ -76,6 +76,7 @@ class KnowledgeDomain:
         self.live_version = live_version
         self.use_chat = cfg.model.use_chat_template
         self.gen_dtype = generate_dtype(cfg)
+        self.answer_dtype = answer_dtype(cfg)
         self.train_dtype = train_dtype(cfg)
         self._replay_before: dict[str, list] = {}  # per context: nearby replay QAs `model` answers right
 
@@ -99,7 +100,7 @@ class KnowledgeDomain:
 
     def _scored(self, model, questions) -> list[qa_mod.Scored]:
         return qa_mod.evaluate(model, self.tokenizer, list(questions), self.cfg.qa, use_chat=self.use_chat,
-                               compute_dtype=self.gen_dtype)
+                               compute_dtype=self.answer_dtype)
 
     def score(self, model, ctx: KnowledgeContext) -> float:
         return qa_mod.accuracy(self._scored(model, ctx.questions)) or 0.0

@@ -10,8 +10,9 @@ For each passage (one update per passage, as in the paper):
      and a replay sample of earlier QAs (the k nearest to the passage and m at
      random), compared with the live model on the same QAs. If it forgot more
      than allowed, it is retrained with rehearsal of the passages behind the
-     forgotten and nearest QAs; if it still forgets, it is rejected and the
-     live weights stay exactly as they were;
+     forgotten and nearest QAs (with `replay.rehearse_first`, the first attempt
+     already rehearses the nearest); if it still forgets, it is rejected and
+     the live weights stay exactly as they were;
   7. an accepted adapter is stored in the adapter log and merged into the live
      weights; the database records the new version, makes it live and adds
      the passage's QAs to the replay bank in one transaction.
@@ -37,7 +38,7 @@ from .documents import Document, Passage, file_hash, read_document
 from .errors import TrainingDiverged
 from .inner_loop import Example, TrainStats, train_adapter
 from .model.live import LiveModel, fingerprints
-from .model.loader import generate_dtype, train_dtype
+from .model.loader import answer_dtype, generate_dtype, train_dtype
 from .policy import Policy
 from .policy_versions import PolicyVersions
 from .qa_gen import generate_qas
@@ -74,8 +75,9 @@ class PassageReport:
     forgetting: dict[str, Any] | None = None
     error: str | None = None
     seconds: float = 0.0
-    # Seconds per stage (self-edit, questions, qa-before, replay-before, train,
-    # replay or qa-after, commit), summed over training attempts.
+    # Seconds per stage (self-edit, questions, qa-before (the passage's QAs and
+    # uncached replay QAs, one batch), train, replay or qa-after, commit), summed
+    # over training attempts.
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -178,7 +180,8 @@ class Learner:
         # The promoted policy adapter writes the self-edits (None: the prompt alone).
         self.policy_versions = policy_versions
         self.train_dtype = train_dtype(cfg)
-        self.generate_dtype = generate_dtype(cfg)
+        self.generate_dtype = generate_dtype(cfg)  # writing self-edits and QAs
+        self.answer_dtype = answer_dtype(cfg)  # the gate's questions
 
     def read(self, path: Path) -> Document:
         tok = self.live.tokenizer
@@ -217,7 +220,7 @@ class Learner:
     def _score(self, model, questions: list[qa_mod.Question]) -> list[qa_mod.Scored]:
         return qa_mod.evaluate(
             model, self.live.tokenizer, questions, self.cfg.qa,
-            use_chat=self.cfg.model.use_chat_template, compute_dtype=self.generate_dtype,
+            use_chat=self.cfg.model.use_chat_template, compute_dtype=self.answer_dtype,
         )
 
     def _self_edit(self, passage: Passage, seed: int) -> SelfEdit:
@@ -300,13 +303,12 @@ class Learner:
             questions = [qa_mod.Question(q.question, q.answer, passage.title) for q in new_qas]
         else:
             questions = qa_mod.questions_of(passage.title, passage.questions)
-        if questions:
-            progress("qa-before", {"index": index, "n": len(questions)})
-            report.qa_before = qa_mod.accuracy(self._score(self.live.model, questions))
         report.n_questions = len(questions)
-
-        replay, nearest_ids, before = self._replay_before(passage, progress, index)
+        replay, nearest_ids, before, gain_before = self._before(passage, questions, progress, index)
+        report.qa_before = qa_mod.accuracy(gain_before)
         rehearsal: list[Example] = []
+        if self.cfg.replay.rehearse_first and nearest_ids:
+            rehearsal = self._rehearsal([], nearest_ids, replay, len(edit.examples))
         attempts, check, candidate, decision = 0, None, None, "accepted"
         while True:
             attempts += 1
@@ -333,7 +335,7 @@ class Learner:
                 decision = "rejected"
                 break
             candidate.unload()
-            rehearsal = self._rehearsal(check, replay, len(edit.examples))
+            rehearsal = self._rehearsal(check.flipped, check.nearest_ids, replay, len(edit.examples))
         qa_text = {q.id: q.question for q in replay}
         report.checked = check is not None or bool(questions)
         report.forgetting = forgetting.summary(check, attempts, decision, qa_text) if self.bank is not None else None
@@ -355,11 +357,12 @@ class Learner:
     def _check(self, candidate, questions, replay, before, nearest_ids, report, attempt, h, doc_id):
         """Score the candidate on the passage's QAs and the replay sample; record
         the check as an event. Returns (passes, check, gain answers, replay answers)."""
-        gain_after = self._score(candidate, questions) if questions else []
+        # One batched call for both: generation is cheaper per question in larger batches.
+        scored = self._score(candidate, questions + [q.as_question() for q in replay])
+        gain_after, after_scored = scored[: len(questions)], scored[len(questions):]
         report.qa_after = qa_mod.accuracy(gain_after)
         if not replay:
             return True, None, gain_after, []
-        after_scored = self._score(candidate, [q.as_question() for q in replay])
         check = forgetting.Check(
             replay_ids=[q.id for q in replay], before=before,
             after={q.id: s.correct for q, s in zip(replay, after_scored)}, nearest_ids=nearest_ids,
@@ -380,29 +383,39 @@ class Learner:
         )
         return ok, check, gain_after, [(q.id, s.correct, s.prediction) for q, s in zip(replay, after_scored)]
 
-    def _replay_before(self, passage: Passage, progress: Progress, index: int,
-                       ) -> tuple[list[BankQA], list[int], dict[int, bool]]:
-        """The replay sample and the live model's correctness on it (from the cache where known)."""
-        if self.bank is None:
-            return [], [], {}
-        lineage = self.state.lineage(self.live.version)
-        nearest, others = self.bank.replay_sample(
-            passage.text, lineage, self.cfg.replay.nearest_k, self.cfg.replay.random_m, passage.hash,
-            seed=self._seed(passage.hash))
-        replay = nearest + others
+    def _before(self, passage: Passage, questions: list[qa_mod.Question], progress: Progress, index: int,
+                ) -> tuple[list[BankQA], list[int], dict[int, bool], list[qa_mod.Scored]]:
+        """The live model before the update: the replay sample, its correctness on
+        it (from the cache where known) and its answers to the passage's questions,
+        scored in one batched call."""
+        replay: list[BankQA] = []
+        nearest_ids: list[int] = []
+        if self.bank is not None:
+            lineage = self.state.lineage(self.live.version)
+            nearest, others = self.bank.replay_sample(
+                passage.text, lineage, self.cfg.replay.nearest_k, self.cfg.replay.random_m, passage.hash,
+                seed=self._seed(passage.hash))
+            replay, nearest_ids = nearest + others, [q.id for q in nearest]
+        gain: list[qa_mod.Scored] = []
 
         def score(missing: list[BankQA]) -> list[qa_mod.Scored]:
-            progress("replay-before", {"index": index, "n": len(missing)})
-            return self._score(self.live.model, [q.as_question() for q in missing])
+            progress("qa-before", {"index": index, "n": len(questions) + len(missing)})
+            scored = self._score(self.live.model, questions + [q.as_question() for q in missing])
+            gain[:] = scored[: len(questions)]
+            return scored[len(questions):]
 
-        return replay, [q.id for q in nearest], self.bank.correctness(self.live.version, replay, score)
+        before = self.bank.correctness(self.live.version, replay, score) if self.bank is not None else {}
+        if questions and not gain:  # every replay answer was cached (or there is no bank)
+            score([])
+        return replay, nearest_ids, before, gain
 
-    def _rehearsal(self, check: forgetting.Check, replay: list[BankQA], n_new: int) -> list[Example]:
+    def _rehearsal(self, flipped: list[int], nearest_ids: list[int], replay: list[BankQA], n_new: int,
+                   ) -> list[Example]:
         """Training sequences of the passages behind the forgotten QAs, then the
         nearest ones: each passage with its accepted self-edit, as it was learned."""
         by_id = {q.id: q for q in replay}
         hashes: list[str] = []
-        for qa_id in check.flipped + check.nearest_ids:
+        for qa_id in flipped + nearest_ids:
             h = by_id[qa_id].passage_hash
             if h not in hashes:
                 hashes.append(h)

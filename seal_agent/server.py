@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import ApiConfig
 from .errors import SealError
 from .model.generation import Sampling, first_stop, generate, generate_kwargs, render_chat
+from .model.precision import autocast, weights_in
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -53,9 +54,10 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 class Served:
     """The model that answers requests (a copy of the live weights) and its version."""
 
-    def __init__(self, model, tokenizer, version: int, use_chat: bool = True):
+    def __init__(self, model, tokenizer, version: int, use_chat: bool = True, dtype: torch.dtype = torch.float32):
         self.model, self.tokenizer, self.version = model, tokenizer, version
         self.use_chat = use_chat
+        self.dtype = dtype  # matmul dtype of its answers (model.answer_dtype)
         self._swap = threading.Lock()
         self._generate = threading.Lock()  # one generation at a time: two would fight for the cores
 
@@ -76,7 +78,7 @@ class Served:
         """(text, prompt tokens, completion tokens, finish reason)."""
         model, _version = self.current()
         with self._generate:
-            [text] = generate(model, self.tokenizer, [prompt], sampling, seed=seed)
+            [text] = generate(model, self.tokenizer, [prompt], sampling, seed=seed, compute_dtype=self.dtype)
         n_prompt = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         n_out = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         finish = "length" if n_out >= sampling.max_new_tokens else "stop"
@@ -92,7 +94,7 @@ class Served:
         kwargs = {**generate_kwargs(self.tokenizer, sampling), "streamer": streamer}
 
         def run() -> None:
-            with self._generate, torch.inference_mode():
+            with self._generate, torch.inference_mode(), weights_in(model, self.dtype), autocast(self.dtype):
                 model.generate(**enc, **kwargs)
 
         thread = threading.Thread(target=run, daemon=True)

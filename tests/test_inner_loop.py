@@ -128,18 +128,42 @@ def test_packed_training_takes_fewer_steps_and_learns(tiny):
 
 
 def test_bf16_training_holds_frozen_weights_in_bf16_and_restores_them_exactly(tiny):
-    from seal_agent.inner_loop import frozen_weights_in
+    from seal_agent.model.precision import weights_in
 
     model, tok = tiny
     before = weights(model)
     pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
     q = pm.base_model.model.model.layers[0].self_attn.q_proj
-    with frozen_weights_in(pm, torch.bfloat16):
+    embedding = pm.get_input_embeddings().weight
+    with weights_in(pm, torch.bfloat16, training=True):
         assert q.base_layer.weight.dtype == torch.bfloat16 and q.lora_A["default"].weight.dtype == torch.float32
-        assert pm.get_input_embeddings().weight.dtype == torch.float32  # tied lm_head too
+        assert pm.get_input_embeddings().weight.dtype == torch.float32  # the lookup stays fp32...
+        assert pm.get_output_embeddings().weight.dtype == torch.bfloat16  # ...the tied head is held in bf16
     assert q.base_layer.weight.dtype == torch.float32
+    assert pm.get_output_embeddings().weight is embedding  # tied again
     stats = train(pm, tok, EXAMPLES, TrainConfig(epochs=2, lr=1e-2, seed=0), compute_dtype=torch.bfloat16)
     assert stats.steps > 0 and all(torch.isfinite(torch.tensor(stats.epoch_losses)))
     model = pm.unload()
     after = weights(model)
     assert all(after[k].dtype == torch.float32 and torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_generation_matches_autocast_and_restores_the_weights(tiny):
+    """Generation holds every weight in bf16 for the call: the same tokens as
+    autocast casting them at each step, and the fp32 weights untouched after."""
+    from seal_agent.model.generation import Sampling, generate
+
+    model, tok = tiny
+    before = weights(model)
+    prompts = ["The Normans were", "In 1066 the", "Rollo led"]
+    sampling = Sampling(max_new_tokens=12)
+    ours = generate(model, tok, prompts, sampling, compute_dtype=torch.bfloat16, batch_size=3)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # casts the fp32 weights at every step
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    reference = [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+    assert ours == reference
+    after = weights(model)
+    assert all(after[k].dtype == torch.float32 and torch.equal(before[k], after[k]) for k in before)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

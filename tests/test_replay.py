@@ -13,6 +13,7 @@ from seal_agent.agent import SealAgent
 from seal_agent.config import load_config
 from seal_agent.embedding import MiniLMEmbedder
 from seal_agent.forgetting import Check, passes
+from seal_agent.model.loader import answer_dtype
 from seal_agent.qa import Question, evaluate
 from seal_agent.qa_gen import answer_candidates, clean_question, cloze, usable
 from seal_agent.replay import NewQA, ReplayBank
@@ -156,7 +157,7 @@ def _known_facts(agent, passage_hash: str, title: str) -> list[int]:
     questions = [Question(q, "", title) for q in ("Who led the Norse raiders?", "Where did the Normans settle?",
                                                   "Who was Rollo?", "What is Normandy?")]
     answers = [s.prediction for s in evaluate(live.model, live.tokenizer, questions, agent.cfg.qa,
-                                              use_chat=True, compute_dtype=torch.float32)]
+                                              use_chat=True, compute_dtype=answer_dtype(agent.cfg))]
     qas = [NewQA(q.question, a, "gold") for q, a in zip(questions, answers) if a.strip()]
     assert qas, "the tiny model should answer something"
     ids = agent.bank.add(qas, agent.bank.embed(title, qas), passage_hash=passage_hash, title=title,
@@ -193,6 +194,29 @@ def test_gate_accepts_a_harmless_update_and_caches_correctness(tiny_config, two_
         assert agent.bank.cached(2, ids) == dict.fromkeys(ids, True)
         events = [e["kind"] for e in agent.state.events(kind="learn.%")]
         assert "learn.check" in events
+    finally:
+        agent.close()
+
+
+@pytest.mark.parametrize("rehearse_first", [True, False])
+def test_the_first_attempt_rehearses_the_neighbours_unless_told_not_to(tiny_config, two_docs, rehearse_first):
+    agent = _agent(tiny_config, "train.lr=1e-9", f"replay.rehearse_first={str(rehearse_first).lower()}")
+    try:
+        agent.learn(two_docs[0])
+        h = agent.state.query("SELECT hash FROM passages")[0]["hash"]
+        _known_facts(agent, h, "normans")
+        examples: list[int] = []
+
+        def progress(stage, info):
+            if stage == "train":
+                examples.append(info["examples"])
+
+        report = agent.learn(two_docs[1], progress=progress).as_dict()
+        [p] = report["passage_reports"]
+        assert report["forgetting"]["attempts"] == 1 and report["learned"] == 1
+        # the Normans passage (behind the nearest replay QAs) is rehearsed from the start, or not at all
+        assert (p["train"]["rehearsal_examples"] > 0) == rehearse_first
+        assert examples == [p["self_edit_items"] + 1 + p["train"]["rehearsal_examples"]]
     finally:
         agent.close()
 

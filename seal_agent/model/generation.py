@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from .precision import autocast, weights_in
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,6 @@ def render_prompt(
         messages.append({"role": "user", "content": user})
         return render_chat(tokenizer, messages)
     return base
-
-
-def autocast(dtype: torch.dtype, device: str = "cpu"):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=dtype)
 
 
 def first_stop(text: str, stop: tuple[str, ...]) -> int:
@@ -85,17 +80,17 @@ def generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            with autocast(compute_dtype, device.type):
+        with weights_in(model, compute_dtype), autocast(compute_dtype, device.type):
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(**enc, **generate_kwargs(tokenizer, sampling))
-            new = out[:, enc["input_ids"].shape[1] :]
-            for row in new:
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                text, _ = _truncate_at_stop(text, sampling.stop)
-                outputs.append(text.strip())
+                new = out[:, enc["input_ids"].shape[1] :]
+                for row in new:
+                    text = tokenizer.decode(row, skip_special_tokens=True)
+                    text, _ = _truncate_at_stop(text, sampling.stop)
+                    outputs.append(text.strip())
     finally:
         tokenizer.padding_side = old_side
     return outputs

@@ -109,7 +109,13 @@ def train_dtype(cfg: Config) -> torch.dtype:
 
 
 def generate_dtype(cfg: Config) -> torch.dtype:
+    """Writing: self-edits, model-written QAs."""
     return _resolve_dtype(cfg.model.generate_dtype, cfg)
+
+
+def answer_dtype(cfg: Config) -> torch.dtype:
+    """Answering: the gate's checks, eval, the API."""
+    return _resolve_dtype(cfg.model.answer_dtype, cfg)
 
 
 def load_tokenizer(path: Path):
