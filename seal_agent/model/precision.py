@@ -2,9 +2,9 @@
 
 The live weights stay fp32 (merged LoRA deltas accumulate exactly); compute
 runs under autocast, with the frozen weights held in the compute dtype for the
-duration of a call: autocast caches casts only of weights that require grad,
-so it would otherwise cast every frozen matrix again at every forward (every
-decoded token, every training step).
+duration of a call: autocast caches casts only of weights that require grad
+(and none under inference mode), so it would otherwise cast every frozen
+matrix again at every forward (every decoded token, every training step).
 """
 
 from __future__ import annotations
