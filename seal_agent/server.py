@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import ApiConfig
 from .errors import SealError
 from .model.generation import Sampling, first_stop, generate, generate_kwargs, render_chat
-from .model.precision import autocast, weights_in
+from .model.precision import computing_in
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -94,7 +94,7 @@ class Served:
         kwargs = {**generate_kwargs(self.tokenizer, sampling), "streamer": streamer}
 
         def run() -> None:
-            with self._generate, torch.inference_mode(), weights_in(model, self.dtype), autocast(self.dtype):
+            with self._generate, torch.inference_mode(), computing_in(model, self.dtype):
                 model.generate(**enc, **kwargs)
 
         thread = threading.Thread(target=run, daemon=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .precision import autocast, weights_in
+from .precision import computing_in
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with weights_in(model, compute_dtype), autocast(compute_dtype, device.type):
+        with computing_in(model, compute_dtype):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)

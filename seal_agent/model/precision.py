@@ -22,6 +22,14 @@ def autocast(dtype: torch.dtype, device: str = "cpu"):
 
 
 @contextlib.contextmanager
+def computing_in(model, dtype: torch.dtype) -> Iterator[None]:
+    """Inference in `dtype`: every weight held in it, autocast on the model's device."""
+    device = next(model.parameters()).device.type
+    with weights_in(model, dtype), autocast(dtype, device):
+        yield
+
+
+@contextlib.contextmanager
 def weights_in(model, dtype: torch.dtype, *, training: bool = False) -> Iterator[None]:
     """Hold the fp32 Linear weights of `model` in `dtype` inside the block.
 
