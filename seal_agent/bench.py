@@ -1,7 +1,8 @@
 """`seal-agent bench`: speed, measured side by side in one run on the embedded model.
 
 - matmul peak of this machine (fp32 and bf16 GEMM), for the fraction-of-peak figure;
-- the inner loop: ours (default recipe) vs a fair reference (`transformers.Trainer`
+- the inner loop: ours (default recipe; compiled: its first update in the
+  process, which compiles, and then a compiled and an uncompiled one) vs a fair reference (`transformers.Trainer`
   + peft, fp32, dynamic padding, the paper's recipe, our target modules) vs the
   SEAL authors' exact setup (every sequence padded to 2048 tokens; timed on a few
   steps and extrapolated, as a full run takes hours on a CPU);
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .inner_loop import Example, attach_lora, tokenize, train
+from .inner_loop import Example, attach_lora, compile_failure, tokenize, train
 from .model.generation import Sampling, generate
 from .model.loader import answer_dtype, generate_dtype, load_model, load_tokenizer, resolve_base, train_dtype
 from .policy import Policy
@@ -260,11 +261,19 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
 
     log("inner loop: seal-agent ...")
     mine = ours(model, tokenizer, examples, cfg)
+    first = eager = None
+    if cfg.train.compile:  # the first update compiled the blocks; side by side: compiled vs not
+        log("inner loop: seal-agent compiled, then uncompiled ...")
+        first, mine = mine, ours(model, tokenizer, examples, cfg)
+        eager = ours(model, tokenizer, examples,
+                     dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False)))
     log("inner loop: Trainer reference ...")
     ref = trainer_reference(model, tokenizer, examples, cfg)
     log(f"inner loop: SEAL authors' setup (padded to 2048; {seal_steps} steps, extrapolated) ...")
     seal = trainer_reference(model, tokenizer, examples, cfg, pad_to=2048, max_steps=seal_steps)
-    for r in (mine, ref, seal):
+    for r in (mine, ref, seal, first, eager):
+        if r is None:
+            continue
         r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
         r["seconds"] = round(r["seconds"], 2)
     achieved = 4 * n_params * mine["tokens"] / mine["seconds"] / 1e9
@@ -277,7 +286,11 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
                                                 "target_modules": cfg.lora.target_modules}},
         "seal_reference": seal,
         "achieved_gflops": round(achieved, 1),
+        "compiled": cfg.train.compile and compile_failure() is None,
     }
+    if eager is not None:
+        result["inner_loop"].update(ours_first_update=first, ours_uncompiled=eager)
+        result["compile_speedup"] = round(eager["seconds"] / mine["seconds"], 2)
     result["inner_loop_speedup"] = round(ref["seconds"] / mine["seconds"], 2)
     result["inner_loop_speedup_vs_seal"] = round(seal["seconds"] / mine["seconds"], 1)
     result["inner_loop_peak_fraction"] = round(achieved / peak["bf16"], 3)
@@ -301,6 +314,51 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
     result["query_latency"] = query_latency(cfg, policy, requests=query_requests)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The human-readable report of `run_bench`'s result."""
+    il = result["inner_loop"]
+    lines = [
+        f"matmul peak: fp32 {result['gemm_gflops']['fp32']:.0f} GFLOP/s, bf16 {result['gemm_gflops']['bf16']:.0f} GFLOP/s",
+        f"inner loop ({il['examples']} sequences, one update):",
+        f"  seal-agent        {il['ours']['seconds']:7.1f} s  {il['ours']['tokens_per_s']:7.1f} tok/s"
+        + ("  (compiled)" if il["compiled"] else ""),
+    ]
+    if "ours_uncompiled" in il:
+        lines += [
+            f"  uncompiled        {il['ours_uncompiled']['seconds']:7.1f} s  "
+            f"{il['ours_uncompiled']['tokens_per_s']:7.1f} tok/s   -> compiling: {result['compile_speedup']:.2f}x",
+            f"  first update of the process (compiles) {il['ours_first_update']['seconds']:.1f} s",
+        ]
+    lines += [
+        f"  Trainer reference {il['trainer_reference']['seconds']:7.1f} s  "
+        f"{il['trainer_reference']['tokens_per_s']:7.1f} tok/s   -> speedup {result['inner_loop_speedup']:.2f}x",
+        f"  SEAL setup (2048-padded, extrapolated) {il['seal_reference']['seconds']:.0f} s"
+        f"   -> speedup {result['inner_loop_speedup_vs_seal']:.0f}x",
+        f"  achieved {il['achieved_gflops']:.0f} GFLOP/s (4*N*T) = {result['inner_loop_peak_fraction']:.0%} of the bf16 peak",
+        f"self-edit generation ({result['generation']['dtype']}): " + ", ".join(
+            f"{k.replace('_', ' ')} {v['tokens_per_s']} tok/s" for k, v in result["generation"].items() if k != "dtype"),
+    ]
+    if "generation_fp32" in result:
+        lines.append("  in fp32: " + ", ".join(
+            f"{k.replace('_', ' ')} {v['tokens_per_s']} tok/s" for k, v in result["generation_fp32"].items()))
+    ingest = result["ingest"]
+    latency = result["query_latency"]
+    lines += [
+        f"QA evaluation: {result['qa']['questions_per_s']} questions/s in batches of {result['qa']['batch_size']}, "
+        f"{result['qa_batch_8']['questions_per_s']} in batches of 8",
+        "replay search top-8: " + ", ".join(
+            f"{int(n):,} vectors p50 {v['p50_ms']} ms" for n, v in result["replay_search"].items()),
+        f"ingest: {ingest['seconds_per_passage']} s per passage (training {ingest['train_seconds_per_passage']} s); "
+        "passages: " + ", ".join(f"{s} s {st}" for s, st in zip(ingest["passage_seconds"], ingest["statuses"])),
+        f"query latency ({latency['max_tokens']} tokens via the API): p50/p95 "
+        f"{latency['idle']['p50_s']}/{latency['idle']['p95_s']} s idle, "
+        f"{latency['while_training']['p50_s']}/{latency['while_training']['p95_s']} s "
+        f"while training ({latency['slowdown_p50']}x)",
+        f"total {result['seconds']:.0f} s",
+    ]
+    return "\n".join(lines)
 
 
 def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: int = 16) -> dict[str, Any]:

@@ -929,40 +929,17 @@ def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
 def bench(ctx: click.Context, as_json: bool) -> None:
     """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest, API latency.
 
-    Takes about 5 minutes on 2 cores. Ratios (speedup, fraction of peak) are
+    Takes about 7 minutes on 2 cores. Ratios (speedup, fraction of peak) are
     measured in the same run, so they hold on a noisy machine.
     """
-    from .bench import run_bench
+    from .bench import run_bench, summary
 
     agent = _agent(ctx)
     result = run_bench(agent.cfg, agent.policy, log=lambda m: err.print(f"[dim]{m}[/dim]"))
     if as_json:
         emit_json(result)
         return
-    il = result["inner_loop"]
-    lines = [
-        f"matmul peak: fp32 {result['gemm_gflops']['fp32']:.0f} GFLOP/s, bf16 {result['gemm_gflops']['bf16']:.0f} GFLOP/s",
-        f"inner loop ({il['examples']} sequences, one update):",
-        f"  seal-agent        {il['ours']['seconds']:7.1f} s  {il['ours']['tokens_per_s']:7.1f} tok/s",
-        f"  Trainer reference {il['trainer_reference']['seconds']:7.1f} s  "
-        f"{il['trainer_reference']['tokens_per_s']:7.1f} tok/s   -> speedup {result['inner_loop_speedup']:.2f}x",
-        f"  SEAL setup (2048-padded, extrapolated) {il['seal_reference']['seconds']:.0f} s"
-        f"   -> speedup {result['inner_loop_speedup_vs_seal']:.0f}x",
-        f"  achieved {il['achieved_gflops']:.0f} GFLOP/s (4*N*T) = {result['inner_loop_peak_fraction']:.0%} of the bf16 peak",
-        "self-edit generation: " + ", ".join(
-            f"{k.replace('_', ' ')} {v['tokens_per_s']} tok/s" for k, v in result["generation"].items()),
-        f"QA evaluation: {result['qa']['questions_per_s']} questions/s",
-        "replay search top-8: " + ", ".join(
-            f"{int(n):,} vectors p50 {v['p50_ms']} ms" for n, v in result["replay_search"].items()),
-        f"ingest: {result['ingest']['seconds_per_passage']} s per passage "
-        f"(training {result['ingest']['train_seconds_per_passage']} s)",
-        f"query latency ({result['query_latency']['max_tokens']} tokens via the API): p50/p95 "
-        f"{result['query_latency']['idle']['p50_s']}/{result['query_latency']['idle']['p95_s']} s idle, "
-        f"{result['query_latency']['while_training']['p50_s']}/{result['query_latency']['while_training']['p95_s']} s "
-        f"while training ({result['query_latency']['slowdown_p50']}x)",
-        f"total {result['seconds']:.0f} s",
-    ]
-    out.print("\n".join(lines), highlight=False)
+    out.print(summary(result), highlight=False)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Written as a plain PyTorch loop rather than `transformers.Trainer` because the
 update is tiny and latency is what matters: sequences are tokenized once, never
 padded at batch size 1, and matmuls run in bf16 autocast where the CPU has it
-(the LoRA weights and optimizer state stay fp32). The recipe is the paper's
-(AdamW, linear decay, grad-norm clip 1.0) with every knob in `TrainConfig`.
+(the LoRA weights and optimizer state stay fp32), and the model's repeated
+blocks run compiled (`torch.compile`: the many small ops between the matmuls
+are fused). The recipe is the paper's (AdamW, linear decay, grad-norm clip 1.0)
+with every knob in `TrainConfig`.
 
 A NaN or inf loss raises `TrainingDiverged`; the caller discards the adapter,
 so the live weights are never touched by a diverged update.
@@ -12,10 +14,12 @@ so the live weights are never touched by a diverged update.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -27,6 +31,11 @@ from transformers import get_linear_schedule_with_warmup
 from .config import LoraConfig, TrainConfig
 from .errors import TrainingDiverged
 from .model.precision import autocast, weights_in
+
+log = logging.getLogger(__name__)
+
+# Why compiling failed in this process, if it did: training stays eager after.
+_compile_failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,35 @@ def _batches(data, batch_size: int, generator: torch.Generator, pad_id: int, pac
             yield Batch(ids, labels, mask, None, tokens)
 
 
+def compile_failure() -> str | None:
+    """Why compiling the training step failed in this process (None: it has not)."""
+    return _compile_failure
+
+
+def repeated_blocks(model) -> list[torch.nn.Module]:
+    """The model's transformer blocks: modules of the classes transformers lists
+    in `_no_split_modules` (LlamaDecoderLayer, ...)."""
+    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+@contextlib.contextmanager
+def compiled_blocks(model) -> Iterator[bool]:
+    """Inside the block, each of the model's repeated blocks runs compiled; yields
+    whether they do. All blocks run one compiled graph (same code; weights are
+    its inputs), and so does every later update's fresh adapter of the same
+    shape, so compiling happens once per process, and from inductor's on-disk
+    cache after a machine's first time. Sequence lengths are symbolic."""
+    blocks = repeated_blocks(model) if _compile_failure is None else []
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    try:
+        yield bool(blocks)
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
+
+
 def train(
     model: PeftModel,
     tokenizer,
@@ -191,11 +229,35 @@ def train(
     append_eos: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> TrainStats:
-    """Train the adapter attached to `model` on `examples`. Returns statistics."""
+    """Train the adapter attached to `model` on `examples`. Returns statistics.
+
+    With `cfg.compile`, the blocks run compiled; if compiling fails, the adapter
+    is put back as it was and trained eagerly (and so is every later one)."""
+    global _compile_failure
     data = tokenize(tokenizer, examples, cfg.max_length, cfg.loss_on, append_eos)
-    stats = TrainStats()
     if not data or cfg.epochs <= 0:
-        return stats
+        return TrainStats()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.compile and _compile_failure is None:
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        initial = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            with compiled_blocks(model):
+                return _train(model, data, pad_id, cfg, compute_dtype, on_step)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            _compile_failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.warning("compiling the training step failed (%s); training eagerly from now on "
+                        "(set train.compile = false to skip the attempt)", _compile_failure)
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(initial[name])
+                    p.grad = None
+    return _train(model, data, pad_id, cfg, compute_dtype, on_step)
+
+
+def _train(model, data, pad_id: int, cfg: TrainConfig, compute_dtype: torch.dtype,
+           on_step: Callable[[int, int, float], None] | None) -> TrainStats:
+    stats = TrainStats()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -204,7 +266,6 @@ def train(
     total = steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total)
     generator = torch.Generator().manual_seed(cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.train()
     start = time.perf_counter()
     try:

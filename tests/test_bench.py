@@ -1,17 +1,21 @@
 """The benchmark harness runs end to end (on the tiny model; timings are not asserted)."""
 
+import dataclasses
+
 from seal_agent.agent import policy_dir
-from seal_agent.bench import bench_examples, gemm_gflops, replay_search, run_bench
+from seal_agent.bench import bench_examples, gemm_gflops, replay_search, run_bench, summary
 from seal_agent.policy import load_active_policy
 
 
 def test_bench_reports_every_figure(tiny_cfg):
     policy = load_active_policy(policy_dir(tiny_cfg), tiny_cfg.policy.active)
+    tiny_cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, compile=True))  # the default
     result = run_bench(tiny_cfg, policy, log=lambda m: None, seal_steps=1, replay_sizes=(2000,), query_requests=3)
     il = result["inner_loop"]
     assert il["examples"] == len(bench_examples(policy)) == 15
-    for name in ("ours", "trainer_reference", "seal_reference"):
+    for name in ("ours", "ours_first_update", "ours_uncompiled", "trainer_reference", "seal_reference"):
         assert il[name]["seconds"] > 0 and il[name]["tokens"] > 0
+    assert il["compiled"] and il["ours"]["tokens"] == il["ours_uncompiled"]["tokens"] and result["compile_speedup"] > 0
     # same data: per epoch both loops see the same number of real tokens
     assert il["ours"]["tokens"] * 10 == il["trainer_reference"]["tokens"] * tiny_cfg.train.epochs
     assert il["seal_reference"]["extrapolated"] and il["seal_reference"]["measured_steps"] == 1
@@ -27,6 +31,10 @@ def test_bench_reports_every_figure(tiny_cfg):
     assert len(ingest["passage_seconds"]) == len(ingest["statuses"]) == len(ingest["attempts"]) == 3
     q = result["query_latency"]
     assert q["idle"]["requests"] == q["while_training"]["requests"] == 3 and q["idle"]["p50_s"] > 0
+    text = summary(result)  # what `seal-agent bench` prints
+    for figure in ("compiling:", "speedup", "of the bf16 peak", "tok/s", "questions/s", "2,000 vectors",
+                   "s per passage", "while training", "total"):
+        assert figure in text, figure
 
 
 def test_replay_search_and_gemm_measure_something():

@@ -3,9 +3,10 @@ import dataclasses
 import pytest
 import torch
 
+from seal_agent import inner_loop
 from seal_agent.config import LoraConfig, TrainConfig
 from seal_agent.errors import TrainingDiverged
-from seal_agent.inner_loop import Example, attach_lora, tokenize, train
+from seal_agent.inner_loop import Example, attach_lora, repeated_blocks, tokenize, train
 from seal_agent.model.loader import load_model, load_tokenizer
 
 EXAMPLES = [
@@ -13,6 +14,11 @@ EXAMPLES = [
     Example("Normans\n", "The Normans spoke a dialect of Old French."),
     Example("Normans\n", "In 1066 the Normans conquered England."),
 ]
+
+
+def eager(**kwargs) -> TrainConfig:
+    """A recipe trained without compiling (compiled training has its own tests)."""
+    return TrainConfig(compile=False, **kwargs)
 
 
 @pytest.fixture
@@ -29,7 +35,7 @@ def test_training_lowers_the_loss_and_leaves_base_weights_alone(tiny):
     before = weights(model)
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = attach_lora(model, LoraConfig(r=8, alpha=16, target_modules=all_linear), seed=0)
-    stats = train(peft_model, tok, EXAMPLES, TrainConfig(epochs=8, lr=1e-2, seed=0, batch_size=1, pack_tokens=0))
+    stats = train(peft_model, tok, EXAMPLES, eager(epochs=8, lr=1e-2, seed=0, batch_size=1, pack_tokens=0))
     assert stats.steps == 24 and len(stats.epoch_losses) == 8
     assert stats.epoch_losses[-1] < 0.7 * stats.epoch_losses[0]
     assert stats.tokens > 0 and stats.seconds > 0
@@ -43,7 +49,7 @@ def test_same_seed_same_adapter(tiny):
     results = []
     for _ in range(2):
         pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=3)
-        train(pm, tok, EXAMPLES, TrainConfig(epochs=2, lr=1e-3, seed=7, batch_size=1, pack_tokens=0), compute_dtype=torch.float32)
+        train(pm, tok, EXAMPLES, eager(epochs=2, lr=1e-3, seed=7, batch_size=1, pack_tokens=0), compute_dtype=torch.float32)
         results.append({k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k})
         model = pm.unload()
     assert results[0].keys() == results[1].keys()
@@ -55,7 +61,7 @@ def test_nan_loss_aborts(tiny):
     before = weights(model)
     pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
     with pytest.raises(TrainingDiverged, match="abandoned"):
-        train(pm, tok, EXAMPLES, TrainConfig(epochs=3, lr=float("inf"), max_grad_norm=0.0))
+        train(pm, tok, EXAMPLES, eager(epochs=3, lr=float("inf"), max_grad_norm=0.0))
     restored = pm.unload()
     assert all(torch.equal(v, before[k]) for k, v in weights(restored).items())
 
@@ -76,7 +82,7 @@ def test_completion_loss_masks_the_prompt(tiny):
 def test_batches_pad_without_learning_padding(tiny):
     model, tok = tiny
     pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
-    cfg = dataclasses.replace(TrainConfig(), epochs=2, batch_size=2, lr=1e-3, pack_tokens=0)
+    cfg = dataclasses.replace(TrainConfig(), compile=False, epochs=2, batch_size=2, lr=1e-3, pack_tokens=0)
     stats = train(pm, tok, EXAMPLES, cfg)
     assert stats.steps == 4  # ceil(3 / 2) per epoch
     true_tokens = sum(len(t) for t, _ in tokenize(tok, EXAMPLES, 2048, "all"))
@@ -117,13 +123,13 @@ def test_packed_training_takes_fewer_steps_and_learns(tiny):
     model, tok = tiny
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     pm = attach_lora(model, LoraConfig(r=8, alpha=16, target_modules=all_linear), seed=0)
-    stats = train(pm, tok, EXAMPLES, TrainConfig(epochs=8, lr=2e-2, pack_tokens=4096, batch_size=1, seed=0))
+    stats = train(pm, tok, EXAMPLES, eager(epochs=8, lr=2e-2, pack_tokens=4096, batch_size=1, seed=0))
     assert stats.steps == 8  # one packed row per epoch
     assert stats.tokens == 8 * sum(len(t) for t, _ in tokenize(tok, EXAMPLES, 2048, "all"))
     assert stats.epoch_losses[-1] < 0.7 * stats.epoch_losses[0]
     model = pm.unload()
     pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
-    stats = train(pm, tok, EXAMPLES, TrainConfig(epochs=1, pack_tokens=30, batch_size=2, seed=0))
+    stats = train(pm, tok, EXAMPLES, eager(epochs=1, pack_tokens=30, batch_size=2, seed=0))
     assert stats.steps >= 1 and all(torch.isfinite(torch.tensor(stats.epoch_losses)))
 
 
@@ -141,7 +147,7 @@ def test_bf16_training_holds_frozen_weights_in_bf16_and_restores_them_exactly(ti
         assert pm.get_output_embeddings().weight.dtype == torch.bfloat16  # ...the tied head is held in bf16
     assert q.base_layer.weight.dtype == torch.float32
     assert pm.get_output_embeddings().weight is embedding  # tied again
-    stats = train(pm, tok, EXAMPLES, TrainConfig(epochs=2, lr=1e-2, seed=0), compute_dtype=torch.bfloat16)
+    stats = train(pm, tok, EXAMPLES, eager(epochs=2, lr=1e-2, seed=0), compute_dtype=torch.bfloat16)
     assert stats.steps > 0 and all(torch.isfinite(torch.tensor(stats.epoch_losses)))
     model = pm.unload()
     after = weights(model)
@@ -167,3 +173,61 @@ def test_bf16_generation_matches_autocast_and_restores_the_weights(tiny):
     after = weights(model)
     assert all(after[k].dtype == torch.float32 and torch.equal(before[k], after[k]) for k in before)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def lora_weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_compiled_training_matches_eager_compiles_once_and_restores_the_blocks(tiny):
+    """Compiled blocks (the default) train the same adapter as eager, up to
+    float rounding; a second update with a fresh adapter reuses the compiled
+    graphs; afterwards the blocks run their own forward again."""
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny
+    before = weights(model)
+    recipe = {"epochs": 3, "lr": 1e-2, "seed": 0, "batch_size": 2, "pack_tokens": 40}  # packed rows of varying length
+    runs = {}
+    for compiled in (False, True, True):
+        graphs = counters["stats"]["unique_graphs"]
+        pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
+        stats = train(pm, tok, EXAMPLES, TrainConfig(compile=compiled, **recipe))
+        runs.setdefault(compiled, []).append((stats.epoch_losses, lora_weights(pm), counters["stats"]["unique_graphs"] - graphs))
+        assert not any("forward" in vars(block) for block in repeated_blocks(pm))
+        model = pm.unload()
+    assert inner_loop._compile_failure is None
+    [(eager_losses, eager_lora, eager_graphs)] = runs[False]
+    (first_losses, first_lora, first_graphs), (second_losses, second_lora, second_graphs) = runs[True]
+    assert eager_graphs == 0 and first_graphs >= 1 and second_graphs == 0
+    assert first_losses == pytest.approx(eager_losses, rel=1e-4) and second_losses == first_losses
+    for k in eager_lora:
+        torch.testing.assert_close(first_lora[k], eager_lora[k], rtol=1e-3, atol=1e-5)
+        assert torch.equal(second_lora[k], first_lora[k])
+    assert all(torch.equal(v, before[k]) for k, v in weights(model).items())
+
+
+def test_training_falls_back_to_eager_when_compiling_fails(tiny, monkeypatch, caplog):
+    """No working C++ compiler: a warning, the same adapter as eager training,
+    and no further attempts in this process."""
+    monkeypatch.setattr(inner_loop, "_compile_failure", None)  # the process-wide flag, restored after
+    model, tok = tiny
+    recipe = {"epochs": 2, "lr": 1e-2, "seed": 0, "batch_size": 1, "pack_tokens": 0}
+    pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
+    train(pm, tok, EXAMPLES, eager(**recipe))
+    reference = lora_weights(pm)
+    model = pm.unload()
+
+    torch._dynamo.reset()  # forget graphs compiled by earlier tests
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++",), "force_disable_caches": True}):
+            pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
+            stats = train(pm, tok, EXAMPLES, TrainConfig(**recipe))
+    finally:
+        torch._dynamo.reset()
+    assert "compiling the training step failed" in caplog.text and "C++" in inner_loop._compile_failure
+    assert stats.steps == 6 and len(stats.epoch_losses) == 2
+    ours = lora_weights(pm)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    assert not any("forward" in vars(block) for block in repeated_blocks(pm))
+    pm.unload()
