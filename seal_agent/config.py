@@ -114,9 +114,9 @@ class TrainConfig:
     warmup_steps: int = 0
     seed: int = 0
     # Compile the model's repeated blocks (torch.compile) for training: fuses
-    # the many small ops between the matmuls; ~1.45x faster per update on 2
-    # cores (BENCHMARKS.md). Compiling costs ~100 s the first time on a
-    # machine (then cached on disk: ~15 s once per process). Falls back to
+    # the many small ops between the matmuls; ~1.5x faster per update on 2
+    # cores (BENCHMARKS.md). Compiling costs ~110 s the first time on a
+    # machine (then cached on disk: ~20 s once per process). Falls back to
     # eager, with a warning, where compiling fails (e.g. no C++ compiler).
     compile: bool = True
 

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Why compiling failed in this process, if it did: training stays eager after.
 _compile_failure: str | None = None
+_compiled_before = False
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,12 @@ def compiled_blocks(model) -> Iterator[bool]:
     its inputs), and so does every later update's fresh adapter of the same
     shape, so compiling happens once per process, and from inductor's on-disk
     cache after a machine's first time. Sequence lengths are symbolic."""
+    global _compiled_before
     blocks = repeated_blocks(model) if _compile_failure is None else []
+    if blocks and not _compiled_before:
+        _compiled_before = True
+        log.info("this process's first update compiles the model's blocks (about 20 s; 110 s on a machine's "
+                 "first, before inductor's disk cache holds them)")
     for block in blocks:
         block.forward = torch.compile(block.forward, dynamic=True)
     try:
