@@ -1,9 +1,10 @@
 """`seal-agent bench`: speed, measured side by side in one run on the embedded model.
 
 - matmul peak of this machine (fp32 and bf16 GEMM), for the fraction-of-peak figure;
-- the inner loop: ours (default recipe; compiled: its first update in the
-  process, which compiles, and then a compiled and an uncompiled one) vs a fair reference (`transformers.Trainer`
-  + peft, fp32, dynamic padding, the paper's recipe, our target modules) vs the
+- the inner loop: ours (default recipe; when compiled, the process's first
+  update, which compiles, then a compiled and an uncompiled one side by side)
+  vs a fair reference (`transformers.Trainer` + peft, fp32, dynamic padding,
+  the paper's recipe, our target modules) vs the
   SEAL authors' exact setup (every sequence padded to 2048 tokens; timed on a few
   steps and extrapolated, as a full run takes hours on a CPU);
 - self-edit generation tokens/s, unbatched and batched;

@@ -153,7 +153,8 @@ class _LearnProgress:
             attempt = f" (attempt {info['attempt']}, with rehearsal)" if info.get("attempt", 1) > 1 else ""
             p.update(self.doc_task, description=f"passage {info['index'] + 1}: training on "
                                                 f"{info['examples']} sequences{attempt}")
-            self.step_task = p.add_task("  inner loop", total=None)
+            compiling = " (compiling first: once per process)" if info.get("compiles") else ""
+            self.step_task = p.add_task(f"  inner loop{compiling}", total=None)
         elif stage == "step":
             p.update(self.step_task, total=info["total"], completed=info["step"],
                      description=f"  inner loop, loss {info['loss']:.3f}")
@@ -929,7 +930,7 @@ def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
 def bench(ctx: click.Context, as_json: bool) -> None:
     """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest, API latency.
 
-    Takes about 7 minutes on 2 cores. Ratios (speedup, fraction of peak) are
+    Takes 7-10 minutes on 2 cores. Ratios (speedup, fraction of peak) are
     measured in the same run, so they hold on a noisy machine.
     """
     from .bench import run_bench, summary

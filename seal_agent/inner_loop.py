@@ -196,6 +196,11 @@ def compile_failure() -> str | None:
     return _compile_failure
 
 
+def compiles_next(cfg: TrainConfig) -> bool:
+    """Whether the next update compiles the blocks first (this process's first)."""
+    return cfg.compile and _compile_failure is None and not _compiled_before
+
+
 def repeated_blocks(model) -> list[torch.nn.Module]:
     """The model's transformer blocks: modules of the classes transformers lists
     in `_no_split_modules` (LlamaDecoderLayer, ...)."""

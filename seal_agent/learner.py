@@ -36,7 +36,7 @@ from . import qa as qa_mod
 from .config import Config, to_dict
 from .documents import Document, Passage, file_hash, read_document
 from .errors import TrainingDiverged
-from .inner_loop import Example, TrainStats, train_adapter
+from .inner_loop import Example, TrainStats, compiles_next, train_adapter
 from .model.live import LiveModel, fingerprints
 from .model.loader import answer_dtype, generate_dtype, train_dtype
 from .policy import Policy
@@ -312,7 +312,8 @@ class Learner:
         attempts, check, candidate, decision = 0, None, None, "accepted"
         while True:
             attempts += 1
-            progress("train", {"index": index, "examples": len(edit.examples) + len(rehearsal), "attempt": attempts})
+            progress("train", {"index": index, "examples": len(edit.examples) + len(rehearsal), "attempt": attempts,
+                               "compiles": compiles_next(self.cfg.train)})
             try:
                 candidate, stats = train_adapter(
                     self.live.model, self.live.tokenizer, edit.examples + rehearsal, self.cfg.lora, self.cfg.train,
