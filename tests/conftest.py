@@ -90,7 +90,7 @@ dir = "{ROOT / 'policies'}"
 epochs = 2
 batch_size = 1
 pack_tokens = 0
-compile = false  # compiling costs more than these tiny updates; test_inner_loop and the real-model tests compile
+compile = false  # compiling costs more than these tiny updates; test_inner_loop, test_bench and the real-model tests compile
 
 [qa]
 max_new_tokens = 8
