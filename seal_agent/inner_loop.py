@@ -209,12 +209,13 @@ def repeated_blocks(model) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def compiled_blocks(model) -> Iterator[bool]:
-    """Inside the block, each of the model's repeated blocks runs compiled; yields
-    whether they do. All blocks run one compiled graph (same code; weights are
-    its inputs), and so does every later update's fresh adapter of the same
-    shape, so compiling happens once per process, and from inductor's on-disk
-    cache after a machine's first time. Sequence lengths are symbolic."""
+def compiled_blocks(model) -> Iterator[None]:
+    """Inside the block, each of the model's repeated blocks runs compiled.
+
+    All blocks run one compiled graph (same code; weights are its inputs), and
+    so does every later update's fresh adapter of the same shape, so compiling
+    happens once per process, and from inductor's on-disk cache after a
+    machine's first time. Sequence lengths are symbolic."""
     global _compiled_before
     blocks = repeated_blocks(model) if _compile_failure is None else []
     if blocks and not _compiled_before:
@@ -224,7 +225,7 @@ def compiled_blocks(model) -> Iterator[bool]:
     for block in blocks:
         block.forward = torch.compile(block.forward, dynamic=True)
     try:
-        yield bool(blocks)
+        yield
     finally:
         for block in blocks:
             del block.forward  # the class's forward again

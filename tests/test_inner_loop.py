@@ -1,4 +1,3 @@
-import dataclasses
 
 import pytest
 import torch
@@ -30,6 +29,10 @@ def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def lora_weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
 def test_training_lowers_the_loss_and_leaves_base_weights_alone(tiny):
     model, tok = tiny
     before = weights(model)
@@ -50,7 +53,7 @@ def test_same_seed_same_adapter(tiny):
     for _ in range(2):
         pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=3)
         train(pm, tok, EXAMPLES, eager(epochs=2, lr=1e-3, seed=7, batch_size=1, pack_tokens=0), compute_dtype=torch.float32)
-        results.append({k: v.clone() for k, v in pm.state_dict().items() if "lora_" in k})
+        results.append(lora_weights(pm))
         model = pm.unload()
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
@@ -82,8 +85,7 @@ def test_completion_loss_masks_the_prompt(tiny):
 def test_batches_pad_without_learning_padding(tiny):
     model, tok = tiny
     pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)
-    cfg = dataclasses.replace(TrainConfig(), compile=False, epochs=2, batch_size=2, lr=1e-3, pack_tokens=0)
-    stats = train(pm, tok, EXAMPLES, cfg)
+    stats = train(pm, tok, EXAMPLES, eager(epochs=2, batch_size=2, lr=1e-3, pack_tokens=0))
     assert stats.steps == 4  # ceil(3 / 2) per epoch
     true_tokens = sum(len(t) for t, _ in tokenize(tok, EXAMPLES, 2048, "all"))
     assert stats.tokens == 2 * true_tokens  # padding not counted
@@ -175,10 +177,6 @@ def test_bf16_generation_matches_autocast_and_restores_the_weights(tiny):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def lora_weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
-
-
 def test_compiled_training_matches_eager_compiles_once_and_restores_the_blocks(tiny):
     """Compiled blocks (the default) train the same adapter as eager, up to
     float rounding; a second update with a fresh adapter reuses the compiled
@@ -196,7 +194,7 @@ def test_compiled_training_matches_eager_compiles_once_and_restores_the_blocks(t
         runs.setdefault(compiled, []).append((stats.epoch_losses, lora_weights(pm), counters["stats"]["unique_graphs"] - graphs))
         assert not any("forward" in vars(block) for block in repeated_blocks(pm))
         model = pm.unload()
-    assert inner_loop._compile_failure is None
+    assert inner_loop.compile_failure() is None
     [(eager_losses, eager_lora, eager_graphs)] = runs[False]
     (first_losses, first_lora, first_graphs), (second_losses, second_lora, second_graphs) = runs[True]
     assert eager_graphs == 0 and first_graphs >= 1 and second_graphs == 0
@@ -225,7 +223,8 @@ def test_training_falls_back_to_eager_when_compiling_fails(tiny, monkeypatch, ca
             stats = train(pm, tok, EXAMPLES, TrainConfig(**recipe))
     finally:
         torch._dynamo.reset()
-    assert "compiling the training step failed" in caplog.text and "C++" in inner_loop._compile_failure
+    assert "compiling the training step failed" in caplog.text and "C++" in inner_loop.compile_failure()
+    assert not inner_loop.compiles_next(TrainConfig())  # later updates train eagerly without trying
     assert stats.steps == 6 and len(stats.epoch_losses) == 2
     ours = lora_weights(pm)
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
