@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import get_linear_schedule_with_warmup
 
 from .config import LoraConfig, TrainConfig
@@ -105,6 +106,48 @@ def train_adapter(
         peft_model.unload()
         raise
     return peft_model, stats
+
+
+class Merged:
+    """A trained adapter merged into its model's weights, reversibly.
+
+    Answering with the merged weights costs what the plain model costs (no
+    adapter matmuls) and gives exactly what the weights will give once kept.
+    Until then `discard()` puts the very same weight tensors back (a merge
+    cannot be undone exactly by subtraction), so a rejected update leaves the
+    model bit for bit as it was; `keep()` drops the adapter, keeping the merge."""
+
+    def __init__(self, peft_model: PeftModel):
+        self.peft_model = peft_model
+        self.kept = False
+        self._originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        try:
+            for module in peft_model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    weight = module.get_base_layer().weight
+                    self._originals.append((weight, weight.data))
+                    weight.data = weight.data.clone()  # the merge writes into the copy
+            with torch.no_grad():
+                peft_model.merge_adapter()
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self):
+        """The model exactly as before the adapter (returned, as peft's `unload`)."""
+        for weight, data in self._originals:
+            weight.data = data
+        self._originals = []
+        return self.peft_model.unload()
+
+    def keep(self):
+        """The model with the adapter merged for good (returned)."""
+        self._originals, self.kept = [], True
+        return self.peft_model.unload()
+
+    def save_pretrained(self, path: str) -> None:
+        """The adapter's own weights (the adapter log's record)."""
+        self.peft_model.save_pretrained(path)
 
 
 def tokenize(tokenizer, examples: list[Example], max_length: int, loss_on: str, append_eos: bool = False):

@@ -5,7 +5,7 @@ import torch
 from seal_agent import inner_loop
 from seal_agent.config import LoraConfig, TrainConfig
 from seal_agent.errors import TrainingDiverged
-from seal_agent.inner_loop import Example, attach_lora, repeated_blocks, tokenize, train
+from seal_agent.inner_loop import Example, Merged, attach_lora, repeated_blocks, tokenize, train
 from seal_agent.model.loader import load_model, load_tokenizer
 
 EXAMPLES = [
@@ -57,6 +57,32 @@ def test_same_seed_same_adapter(tiny):
         model = pm.unload()
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_merged_adapter_discards_exactly_and_keeps_what_merge_and_unload_gives(tiny):
+    """Merged for checking: the weights are what merge_and_unload makes; discard()
+    restores the originals bit for bit (not by subtracting the update)."""
+    model, tok = tiny
+    before = weights(model)
+
+    def trained():
+        pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=3)
+        train(pm, tok, EXAMPLES, eager(epochs=2, lr=1e-2, seed=7, batch_size=1, pack_tokens=0),
+              compute_dtype=torch.float32)
+        return pm
+
+    merged = Merged(trained())
+    checked = {k.replace("base_layer.", ""): v.clone()
+               for k, v in merged.peft_model.get_base_model().state_dict().items() if "lora_" not in k}
+    model = merged.discard()
+    assert type(model).__name__ == "LlamaForCausalLM" and not merged.kept
+    assert all(torch.equal(before[k], v) for k, v in weights(model).items())
+    reference = weights(trained().merge_and_unload())
+    assert checked.keys() == reference.keys() and any(not torch.equal(before[k], reference[k]) for k in reference)
+    assert all(torch.equal(checked[k], reference[k]) for k in reference)
+    model.load_state_dict(before)
+    kept = Merged(trained())
+    assert all(torch.equal(v, reference[k]) for k, v in weights(kept.keep()).items()) and kept.kept
 
 
 def test_nan_loss_aborts(tiny):
