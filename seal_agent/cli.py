@@ -146,7 +146,10 @@ class _LearnProgress:
         elif stage == "passage":
             p.update(self.doc_task, description=f"passage {info['index'] + 1}/{info['total']}")
         elif stage in ("self-edit", "questions", "qa-before", "replay", "qa-after", "commit"):
-            p.update(self.doc_task, description=f"passage {info['index'] + 1}: {stage}")
+            indices = info.get("indices", [info["index"]])
+            which = f"passage {indices[0] + 1}" if len(indices) == 1 else \
+                f"passages {', '.join(str(i + 1) for i in indices)}"
+            p.update(self.doc_task, description=f"{which}: {stage}")
         elif stage == "train":
             if self.step_task is not None:
                 p.remove_task(self.step_task)

@@ -68,6 +68,10 @@ class PolicyConfig:
     active: str = "implications"
     # Directory of policy files. Relative: to the directory of config.toml.
     dir: str = "policies"
+    # Passages of a document whose self-edits (and model-written questions) are
+    # written in one batch, by the version live when the batch starts: decoding
+    # 8 rows costs about 1.5x one row on these CPUs (BENCHMARKS.md).
+    write_batch: int = 8
 
 
 @dataclass
@@ -331,6 +335,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Counts that make no sense below a minimum (a batch of 0 rows).
+_AT_LEAST = {"policy.write_batch": 1, "qa.batch_size": 1, "train.batch_size": 1, "train.epochs": 1}
+
+
 def _resolve(base: Path, p: str) -> Path:
     path = Path(p).expanduser()
     return path if path.is_absolute() else (base / path)
@@ -387,6 +395,8 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     value = _check_type(key, value, hints[name])
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {_CHOICES[key]}, got {value!r}")
+    if key in _AT_LEAST and value < _AT_LEAST[key]:
+        raise ConfigError(f"config key '{key}' must be at least {_AT_LEAST[key]}, got {value!r}")
     setattr(section, name, value)
 
 

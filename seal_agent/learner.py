@@ -4,7 +4,9 @@ For each passage (one update per passage, as in the paper):
   1. skip it if its content hash is already learned on the live line;
   2. the live model writes a self-edit with the active policy (recorded);
   3. the self-edit's items + the passage become training examples;
-  4. the passage's QAs: its own questions, or model-written grounded ones;
+  4. the passage's QAs: its own questions, or model-written grounded ones
+     (steps 2 and 4 run for `policy.write_batch` passages of a document at
+     once, by the version live when the batch starts: the draft);
   5. a fresh LoRA adapter is trained on the live weights (the inner loop);
   6. the forgetting check: the candidate answers the passage's QAs (the gain)
      and a replay sample of earlier QAs (the k nearest to the passage and m at
@@ -29,21 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import forgetting
 from . import qa as qa_mod
 from .config import Config, to_dict
 from .documents import Document, Passage, file_hash, read_document
 from .errors import TrainingDiverged
-from .inner_loop import Example, TrainStats, compiles_next, train_adapter
+from .inner_loop import Example, Merged, TrainStats, compiles_next, train_adapter
 from .model.live import LiveModel, fingerprints
 from .model.loader import answer_dtype, generate_dtype, train_dtype
 from .policy import Policy
 from .policy_versions import PolicyVersions
 from .qa_gen import generate_qas
 from .replay import BankQA, NewQA, ReplayBank
-from .self_edit import SelfEdit, from_text, write_self_edits
+from .self_edit import SelfEdit, from_text, write_for
 from .state import State, VersionRow, now
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -51,6 +51,18 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 def _noop(_stage: str, _info: dict[str, Any]) -> None:
     pass
+
+
+@dataclass
+class Draft:
+    """What the live model wrote for a passage before learning it."""
+
+    edit: SelfEdit
+    qas: list[NewQA]  # empty without a replay bank
+    qa_source: str = "none"  # gold | generated | none
+    qa_generated: dict[str, int] | None = None
+    # This passage's share of the batched writing stages (self-edit, questions).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,7 +89,8 @@ class PassageReport:
     seconds: float = 0.0
     # Seconds per stage (self-edit, questions, qa-before (the passage's QAs and
     # uncached replay QAs, one batch), train, replay or qa-after, commit), summed
-    # over training attempts.
+    # over training attempts. Self-edit and questions are written for several
+    # passages in one batch: each gets an equal share of the batch's time.
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -202,10 +215,13 @@ class Learner:
         report = DocumentReport(str(path), doc.title, doc.kind, doc_id, self.live.version)
         progress("document", {"path": str(path), "title": doc.title, "passages": len(doc.passages)})
         status = "interrupted"  # unless the loop below completes
+        drafts: dict[int, Draft] = {}
         try:
             for i, passage in enumerate(doc.passages):
                 progress("passage", {"index": i, "total": len(doc.passages)})
-                report.passages.append(self.learn_passage(passage, i, doc_id, progress))
+                if i not in drafts:
+                    drafts.update(self._drafts(doc.passages, i, progress))
+                report.passages.append(self.learn_passage(passage, i, doc_id, progress, drafts.pop(i, None)))
             status = report.status
         finally:
             report.version = self.live.version
@@ -223,39 +239,84 @@ class Learner:
             use_chat=self.cfg.model.use_chat_template, compute_dtype=self.answer_dtype,
         )
 
-    def _self_edit(self, passage: Passage, seed: int) -> SelfEdit:
-        if self.external:
-            texts = passage.external_self_edits.get(self.external)
-            if texts:
-                return from_text(self.policy, passage, texts[0])
-        adapter = self.policy_versions.adapter_dir() if self.policy_versions else None
-        [edit] = write_self_edits(self.live.model, self.live.tokenizer, self.policy, passage,
-                                  use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed,
-                                  adapter=adapter)
-        return edit
+    def _drafts(self, passages: list[Passage], start: int, progress: Progress) -> dict[int, Draft]:
+        """Drafts of the next `policy.write_batch` passages from `start` on that the
+        live line has not learned (none if passage `start` itself is learned)."""
+        learned = self.state.learned_passages(self.live.version)
+        if passages[start].hash in learned:
+            return {}
+        batch, hashes = [], set(learned)
+        for i in range(start, len(passages)):
+            if len(batch) < self.cfg.policy.write_batch and passages[i].hash not in hashes:
+                batch.append(i)
+                hashes.add(passages[i].hash)  # a repeat later in the document waits for its turn
+        return dict(zip(batch, self._write([passages[i] for i in batch], batch, progress)))
+
+    def _write(self, passages: list[Passage], indices: list[int], progress: Progress) -> list[Draft]:
+        """Self-edits and QAs of `passages`, each stage one batched call for all of them."""
+        info = {"index": indices[0], "indices": indices}
+        seed = self._seed(passages[0].hash)
+        t0 = time.perf_counter()
+        progress("self-edit", info)
+        edits = self._self_edits(passages, seed)
+        t1 = time.perf_counter()
+        drafts = [Draft(edit, []) for edit in edits]
+        if self.bank is not None:
+            progress("questions", info)
+            self._passage_qas(passages, seed, drafts)
+        t2 = time.perf_counter()
+        for d in drafts:
+            d.stage_seconds = {"self-edit": (t1 - t0) / len(drafts)}
+            if self.bank is not None:
+                d.stage_seconds["questions"] = (t2 - t1) / len(drafts)
+        return drafts
+
+    def _self_edits(self, passages: list[Passage], seed: int) -> list[SelfEdit]:
+        edits: dict[int, SelfEdit] = {}
+        if self.external:  # another model's self-edit from the data, where it has one
+            for i, p in enumerate(passages):
+                texts = p.external_self_edits.get(self.external)
+                if texts:
+                    edits[i] = from_text(self.policy, p, texts[0])
+        todo = [i for i in range(len(passages)) if i not in edits]
+        if todo:
+            adapter = self.policy_versions.adapter_dir() if self.policy_versions else None
+            written = write_for(self.live.model, self.live.tokenizer, self.policy, [passages[i] for i in todo],
+                                use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed,
+                                adapter=adapter, batch_size=self.cfg.policy.write_batch)
+            edits.update(zip(todo, written))
+        return [edits[i] for i in range(len(passages))]
 
     def _policy_label(self) -> str:
         """Which policy wrote the self-edit: 'implications', or 'implications@v2' with a ReSTEM adapter."""
         return self.policy_versions.label() if self.policy_versions else self.policy.name
 
-    def _passage_qas(self, passage: Passage, seed: int, report: PassageReport) -> list[NewQA]:
-        if passage.questions:
-            report.qa_source = "gold"
-            return [NewQA(q.question, q.answer, "gold") for q in passage.questions]
-        if self.qa_policy is None or not self.cfg.replay.generate_qas:
-            return []
-        gen = generate_qas(self.live.model, self.live.tokenizer, self.qa_policy, passage, self.cfg.qa,
-                           use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed,
-                           max_qas=self.cfg.replay.max_qas)
-        report.qa_generated = {"generated": gen.generated, "grounded": gen.grounded, "kept": len(gen.kept)}
-        if gen.kept:
-            report.qa_source = "generated"
-        return [NewQA(q, a, "generated") for q, a in gen.kept]
+    def _passage_qas(self, passages: list[Passage], seed: int, drafts: list[Draft]) -> None:
+        """Each draft's QAs: the passage's own questions, or model-written ones
+        (one batched call for all passages that need them)."""
+        need = []
+        for p, d in zip(passages, drafts):
+            if p.questions:
+                d.qa_source, d.qas = "gold", [NewQA(q.question, q.answer, "gold") for q in p.questions]
+            elif self.qa_policy is not None and self.cfg.replay.generate_qas:
+                need.append((p, d))
+        if not need:
+            return
+        gens = generate_qas(self.live.model, self.live.tokenizer, self.qa_policy, [p for p, _ in need], self.cfg.qa,
+                            use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed,
+                            max_qas=self.cfg.replay.max_qas)
+        for (_, d), gen in zip(need, gens):
+            d.qa_generated = {"generated": gen.generated, "grounded": gen.grounded, "kept": len(gen.kept)}
+            if gen.kept:
+                d.qa_source = "generated"
+            d.qas = [NewQA(q, a, "generated") for q, a in gen.kept]
 
-    def learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress = _noop) -> PassageReport:
-        """Learn one passage; its report says how long each stage took (a stage
-        runs from its progress event to the next one)."""
-        stages: dict[str, float] = {}
+    def learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress = _noop,
+                      draft: Draft | None = None) -> PassageReport:
+        """Learn one passage (written now, unless its `draft` was written already);
+        its report says how long each stage took (a stage runs from its progress
+        event to the next one)."""
+        stages: dict[str, float] = dict(draft.stage_seconds) if draft else {}
         current: list = [time.perf_counter(), None]
 
         def close(stage: str | None) -> None:
@@ -270,14 +331,17 @@ class Learner:
             progress(stage, info)
 
         try:
-            report = self._learn_passage(passage, index, doc_id, timed)
+            report = self._learn_passage(passage, index, doc_id, timed, draft)
         finally:
             close(None)
         report.stage_seconds = {k: round(v, 2) for k, v in stages.items()
                                 if k not in ("learned", "duplicate", "failed", "rejected")}
+        if draft:
+            report.seconds += sum(draft.stage_seconds.values())
         return report
 
-    def _learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress) -> PassageReport:
+    def _learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress,
+                       draft: Draft | None) -> PassageReport:
         t0 = time.perf_counter()
         h = passage.hash
         report = PassageReport(index=index, hash=h, status="failed", n_questions=len(passage.questions))
@@ -291,15 +355,15 @@ class Learner:
             return report
 
         seed = self._seed(h)
-        progress("self-edit", {"index": index})
-        edit = self._self_edit(passage, seed)
+        if draft is None:
+            [draft] = self._write([passage], [index], progress)
+        edit = draft.edit
         edit_id = self.state.add_self_edit(h, doc_id, self._policy_label(), edit.prompt, edit.text, edit.n_items)
         report.self_edit_chars, report.self_edit_items = len(edit.text), edit.n_items
 
-        new_qas: list[NewQA] = []
+        new_qas = draft.qas
+        report.qa_source, report.qa_generated = draft.qa_source, draft.qa_generated
         if self.bank is not None:
-            progress("questions", {"index": index})
-            new_qas = self._passage_qas(passage, seed, report)
             questions = [qa_mod.Question(q.question, q.answer, passage.title) for q in new_qas]
         else:
             questions = qa_mod.questions_of(passage.title, passage.questions)
@@ -322,27 +386,29 @@ class Learner:
                 )
             except TrainingDiverged as e:
                 return self._diverged(e, report, edit_id, doc_id, index, progress, t0)
+            # Checked as it would be served: merged (undone exactly unless accepted).
+            candidate = Merged(candidate)
             report.train = {**stats.as_dict(), "rehearsal_examples": len(rehearsal)}
             try:
                 progress("replay" if replay else "qa-after", {"index": index, "n": len(replay), "attempt": attempts})
                 done, check, gain_after, check_after = self._check(
-                    candidate, questions, replay, before, nearest_ids, report, attempts, h, doc_id)
+                    candidate.peft_model, questions, replay, before, nearest_ids, report, attempts, h, doc_id)
             except BaseException:
-                candidate.unload()  # never leave an unchecked adapter on the live weights
+                candidate.discard()  # never leave an unchecked update on the live weights
                 raise
             if done or not self.cfg.replay.gate:
                 break
             if attempts >= self.cfg.replay.attempts:
                 decision = "rejected"
                 break
-            candidate.unload()
+            candidate.discard()
             rehearsal = self._rehearsal(check.flipped, check.nearest_ids, replay, len(edit.examples))
         qa_text = {q.id: q.question for q in replay}
         report.checked = check is not None or bool(questions)
         report.forgetting = forgetting.summary(check, attempts, decision, qa_text) if self.bank is not None else None
 
         if decision == "rejected":
-            candidate.unload()
+            candidate.discard()
             return self._rejected(report, edit_id, doc_id, index, progress, t0)
         progress("commit", {"index": index})
         report.version = self._commit(
@@ -465,7 +531,7 @@ class Learner:
         return report
 
     # -- commit ----------------------------------------------------------
-    def _commit(self, candidate, passage: Passage, doc_id: int, index: int, edit_id: int, text: str,
+    def _commit(self, candidate: Merged, passage: Passage, doc_id: int, index: int, edit_id: int, text: str,
                 stats: TrainStats, report: PassageReport, *, new_qas: list[NewQA] = (),
                 gain_after: list[qa_mod.Scored] = (), replay_after: list[tuple[int, bool, str]] = ()) -> int:
         parent = self.live.version
@@ -489,9 +555,8 @@ class Learner:
         fp: dict[str, str] = {}
 
         def make_manifest() -> dict[str, Any]:
-            # Runs once the adapter files are saved: merge, then fingerprint the merged weights.
-            with torch.no_grad():
-                self.live.model = candidate.merge_and_unload()
+            # Runs once the adapter files are saved: keep the merge, fingerprint the merged weights.
+            self.live.model = candidate.keep()
             fp.update(fingerprints(self.live.model, self.live.tokenizer))
             return {**manifest_base, "fingerprint": fp}
 
@@ -515,7 +580,7 @@ class Learner:
                     ids = self.bank.add(list(new_qas), vectors, passage_hash=passage.hash, title=passage.title,
                                         document_id=doc_id, version=version, conn=c) if new_qas else []
                     # What the candidate answered is what this version knows
-                    # (merging changes the logits only by rounding).
+                    # (it answered with these very merged weights).
                     self.bank.record(version, [(i, s.correct, s.prediction) for i, s in zip(ids, gain_after)],
                                      conn=c)
                     self.bank.record(version, replay_after, conn=c)
@@ -524,10 +589,10 @@ class Learner:
                                  data={"parent": parent, "qa": manifest_base["qa"], "loss": stats.final_loss,
                                        "forgetting": report.forgetting})
         except BaseException:
-            if fp:  # merged in memory but not recorded: rebuild the parent exactly
+            if candidate.kept:  # merged for good in memory but not recorded: rebuild the parent exactly
                 self.live.load(parent)
             else:
-                self.live.model = candidate.unload()
+                self.live.model = candidate.discard()
             raise
         self.live.version = version
         if self.bank is not None:

@@ -12,7 +12,7 @@ A pair is kept only when
      question the model cannot answer even while reading the passage tests
      nothing it could learn).
 The text logic is pure; `generate_qas` runs the model for the writing and for
-check 2.
+check 2, for several passages in one batch.
 """
 
 from __future__ import annotations
@@ -117,25 +117,29 @@ def usable(question: str, answer: str) -> bool:
             and f" {normalize_answer(answer)} " not in f" {q} ")
 
 
-def generate_qas(model, tokenizer, policy: Policy, passage: Passage, qa_cfg: QAConfig, *, use_chat: bool,
-                 dtype: torch.dtype, seed: int, max_qas: int) -> GeneratedQAs:
-    spans = answer_spans(passage.text, passage.title, limit=max_qas + max_qas // 2)
-    if not spans:
-        return GeneratedQAs(0, 0, [])
+def generate_qas(model, tokenizer, policy: Policy, passages: list[Passage], qa_cfg: QAConfig, *, use_chat: bool,
+                 dtype: torch.dtype, seed: int, max_qas: int) -> list[GeneratedQAs]:
+    """QAs for each passage; the model's writing (mode "model") and its in-context
+    answers of every passage's candidates run batched together."""
     rules = policy.questions
+    spans = [answer_spans(p.text, p.title, limit=max_qas + max_qas // 2) for p in passages]
     if rules.mode == "cloze":
-        pairs = [(rules.cloze_template.format(title=passage.title, passage=passage.text, answer="",
-                                              cloze=cloze(sentence, a)), a) for a, sentence in spans]
+        pairs = [[(rules.cloze_template.format(title=p.title, passage=p.text, answer="", cloze=cloze(sentence, a)), a)
+                  for a, sentence in ps] for p, ps in zip(passages, spans)]
     else:
-        answers = [a for a, _ in spans]
-        prompts = [policy.prompt(tokenizer, passage.title, passage.text, use_chat, answer=a) for a in answers]
-        replies = generate(model, tokenizer, prompts, policy.sampling, compute_dtype=dtype, seed=seed,
-                           batch_size=qa_cfg.batch_size)
-        pairs = [(clean_question(r), a) for r, a in zip(replies, answers)]
-    written = [(q, a) for q, a in pairs if q]
-    candidates = [(q, a) for q, a in written if usable(q, a)]
-    questions = [Question(q, a, passage.title, passage.text) for q, a in candidates]
-    scored = evaluate(model, tokenizer, questions, qa_cfg, use_chat=use_chat, compute_dtype=dtype,
-                      in_context=True)
-    kept = [(s.question.question, s.question.answer) for s in scored if s.correct][:max_qas]
-    return GeneratedQAs(len(written), len(candidates), kept)
+        prompts = [policy.prompt(tokenizer, p.title, p.text, use_chat, answer=a)
+                   for p, ps in zip(passages, spans) for a, _ in ps]
+        replies = iter(generate(model, tokenizer, prompts, policy.sampling, compute_dtype=dtype, seed=seed,
+                                batch_size=qa_cfg.batch_size))
+        pairs = [[(clean_question(next(replies)), a) for a, _ in ps] for ps in spans]
+    written = [[(q, a) for q, a in ps if q] for ps in pairs]
+    candidates = [[(q, a) for q, a in ws if usable(q, a)] for ws in written]
+    questions = [Question(q, a, p.title, p.text) for p, cs in zip(passages, candidates) for q, a in cs]
+    scored = iter(evaluate(model, tokenizer, questions, qa_cfg, use_chat=use_chat, compute_dtype=dtype,
+                           in_context=True))
+    out = []
+    for ws, cs in zip(written, candidates):
+        mine = [next(scored) for _ in cs]
+        kept = [(s.question.question, s.question.answer) for s in mine if s.correct][:max_qas]
+        out.append(GeneratedQAs(len(ws), len(cs), kept))
+    return out

@@ -49,10 +49,22 @@ def write_self_edits(
     dtype: torch.dtype = torch.float32, seed: int = 0, adapter: Path | None = None,
 ) -> list[SelfEdit]:
     """Sample `n` self-edits for one passage (batched), with the policy adapter if given."""
-    prompt = policy.prompt(tokenizer, passage.title, passage.text, use_chat)
+    return write_for(model, tokenizer, policy, [passage] * n, use_chat=use_chat, dtype=dtype, seed=seed,
+                     adapter=adapter, batch_size=n)
+
+
+def write_for(
+    model, tokenizer, policy: Policy, passages: list[Passage], *, use_chat: bool = True,
+    dtype: torch.dtype = torch.float32, seed: int = 0, adapter: Path | None = None, batch_size: int = 8,
+) -> list[SelfEdit]:
+    """One self-edit per passage, `batch_size` passages per generate call (one
+    sampling stream, seeded once): decoding several rows at once costs little
+    more per step than one."""
+    prompts = [policy.prompt(tokenizer, p.title, p.text, use_chat) for p in passages]
     with policy_adapter(model, adapter) as writer:
-        completions = sample(writer, tokenizer, policy, prompt, n, dtype, seed)
-    return [parse(policy, tokenizer, passage, prompt, c, use_chat) for c in completions]
+        completions = generate(writer, tokenizer, prompts, policy.sampling, compute_dtype=dtype, seed=seed,
+                               batch_size=batch_size)
+    return [parse(policy, tokenizer, p, prompt, c, use_chat) for p, prompt, c in zip(passages, prompts, completions)]
 
 
 def sample(model, tokenizer, policy: Policy, prompt: str, n: int, dtype: torch.dtype, seed: int) -> list[str]:

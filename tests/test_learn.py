@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 import torch
+from conftest import SQUAD_DEV
 
 from seal_agent.agent import SealAgent
 from seal_agent.config import load_config
@@ -166,3 +167,68 @@ def test_squad_document_reports_accuracy_before_and_after(agent, squad_file):
     assert 0.0 <= report["qa"]["before"] <= 1.0 and 0.0 <= report["qa"]["after"] <= 1.0
     assert report["version"] == 2
     assert agent.log.manifest(2)["qa"]["n"] == len(items[1]["questions"])
+
+
+def _squad(tmp_path, items, questions=True):
+    path = tmp_path / "doc.json"
+    keys = ("title", "context", "questions") if questions else ("title", "context")
+    path.write_text(json.dumps([{k: it[k] for k in keys} for it in items]))
+    return path
+
+
+@pytest.mark.parametrize("write_batch, batches", [(2, [[0, 1], [2]]), (8, [[0, 1, 2]])])
+def test_a_documents_self_edits_and_questions_are_written_in_batches(tiny_config, tmp_path, write_batch, batches):
+    """Passages without questions: self-edits, then model-written QAs, each one
+    batched call per `policy.write_batch` passages; every passage still gets its
+    own self-edit, QAs and share of the writing time."""
+    items = json.loads(SQUAD_DEV.read_text())[:3]
+    agent = SealAgent(load_config(tiny_config, [f"policy.write_batch={write_batch}",
+                                                "policy.active='implications'"]))
+    events: dict[str, list] = {"self-edit": [], "questions": []}
+    try:
+        report = agent.learn(_squad(tmp_path, items, questions=False),
+                             lambda stage, info: events[stage].append(info["indices"]) if stage in events else None)
+        assert events == {"self-edit": batches, "questions": batches}
+        assert report.as_dict()["learned"] == 3
+        for p in report.passages:
+            assert p.stage_seconds["self-edit"] > 0 and p.stage_seconds["questions"] > 0
+            assert sum(p.stage_seconds.values()) <= p.seconds + 0.1
+            assert p.qa_generated is not None and p.qa_generated["generated"] > 0
+        rows = agent.state.query("SELECT passage_hash, outcome FROM self_edits ORDER BY id")
+        assert [r["passage_hash"] for r in rows] == [p.hash for p in report.passages]
+        assert {r["outcome"] for r in rows} == {"accepted"}
+    finally:
+        agent.close()
+
+
+def test_a_passage_repeated_in_a_document_is_written_once(tiny_config, tmp_path):
+    items = json.loads(SQUAD_DEV.read_text())[:2]
+    agent = SealAgent(load_config(tiny_config, ["policy.active='implications'"]))
+    written: list = []
+    try:
+        report = agent.learn(_squad(tmp_path, [items[0], items[1], items[0]]),
+                             lambda stage, info: written.append(info["indices"]) if stage == "self-edit" else None)
+        assert [p.status for p in report.passages] == ["learned", "learned", "duplicate"]
+        assert written == [[0, 1]]
+        assert len(agent.state.query("SELECT id FROM self_edits")) == 2
+    finally:
+        agent.close()
+
+
+def test_the_gate_checks_exactly_the_weights_that_are_then_served(tiny_config, docs):
+    """The forgetting check answers with the update merged into the weights, not
+    beside them: the logits seen while checking are bit for bit those served."""
+    agent = SealAgent(load_config(tiny_config, ["policy.active='implications'", "train.lr=1e-2"]))
+    seen = []
+    try:
+        agent.learn(docs[0])
+
+        def progress(stage, _info):
+            if stage in ("replay", "qa-after"):
+                seen.append(probe_logits(agent.live.model, agent.live.tokenizer))
+
+        report = agent.learn(docs[1], progress)
+        assert report.as_dict()["learned"] == 1 and len(seen) == 1
+        assert torch.equal(seen[0], probe_logits(agent.live.model, agent.live.tokenizer))
+    finally:
+        agent.close()
