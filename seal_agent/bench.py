@@ -245,7 +245,7 @@ def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
             "self_edit_items": [p.self_edit_items for p in report.passages]}
 
 
-def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, seal_steps: int = 3,
+def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, seal_steps: int = 2,
               replay_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), query_requests: int = 12,
               ) -> dict[str, Any]:
     t_start = time.perf_counter()

@@ -69,8 +69,10 @@ class PolicyConfig:
     # Directory of policy files. Relative: to the directory of config.toml.
     dir: str = "policies"
     # Passages of a document whose self-edits (and model-written questions) are
-    # written in one batch, by the version live when the batch starts: decoding
-    # 8 rows costs about 1.5x one row on these CPUs (BENCHMARKS.md).
+    # written in one batch, by the version live when the batch starts: a decoding
+    # step for several rows costs little more than for one (3 passages' self-edits
+    # in 19 s instead of 38 s one by one; BENCHMARKS.md). 1 = each passage written
+    # just before it is learned.
     write_batch: int = 8
 
 
