@@ -51,10 +51,13 @@ def answer(
     model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: torch.dtype,
     in_context: bool = False, max_new_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy answers to questions, batched."""
+    """Greedy answers to questions, batched. In context, the questions about one
+    passage share the passage's keys and values (computed once per batch)."""
     prompts = [question_prompt(tokenizer, q, cfg, use_chat, in_context) for q in questions]
     sampling = Sampling(max_new_tokens=max_new_tokens or cfg.max_new_tokens, temperature=0.0)
-    return generate(model, tokenizer, prompts, sampling, compute_dtype=compute_dtype, batch_size=cfg.batch_size)
+    groups = [(q.title, q.context) for q in questions] if in_context else None
+    return generate(model, tokenizer, prompts, sampling, compute_dtype=compute_dtype, batch_size=cfg.batch_size,
+                    groups=groups)
 
 
 def evaluate(

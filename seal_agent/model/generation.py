@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from .precision import computing_in
 
@@ -61,6 +62,59 @@ def generate_kwargs(tokenizer, sampling: Sampling) -> dict:
     return kwargs
 
 
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix all `rows` share."""
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
+
+
+def _shared_prefix_inputs(model, rows: list[list[int]], groups: list, pad_id: int) -> dict | None:
+    """Inputs for `model.generate` in which each group of rows with a common
+    token prefix has that prefix's keys and values computed once, not per row.
+
+    Row layout: [pad][prefix][pad][rest]. Prefixes end in the same column, so
+    the cache covers the first P columns of every row; padding is masked and
+    positions count only real tokens, so each row sees exactly its own prompt.
+    None when no two rows share a prefix worth it."""
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    prefix = [0] * len(rows)
+    for idx in members.values():
+        if len(idx) > 1:  # keep one token of each row to be fed as input
+            n = min(common_prefix([rows[i] for i in idx]), min(len(rows[i]) for i in idx) - 1)
+            for i in idx:
+                prefix[i] = n
+    if max(prefix) < 16:
+        return None
+    p_max = max(prefix)
+    s_max = max(len(r) - n for r, n in zip(rows, prefix))
+    ids, mask = [], []
+    for r, n in zip(rows, prefix):
+        rest = len(r) - n
+        ids.append([pad_id] * (p_max - n) + r[:n] + [pad_id] * (s_max - rest) + r[n:])
+        mask.append([0] * (p_max - n) + [1] * n + [0] * (s_max - rest) + [1] * rest)
+    device = next(model.parameters()).device
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    for idx in members.values():
+        n = prefix[idx[0]]
+        if n == 0:
+            continue
+        past = model(input_ids=torch.tensor([rows[idx[0]][:n]], device=device), use_cache=True).past_key_values
+        kv = [(layer.keys, layer.values) for layer in past.layers]
+        if layers is None:
+            layers = [(k.new_zeros(len(rows), k.shape[1], p_max, k.shape[3]),
+                       v.new_zeros(len(rows), v.shape[1], p_max, v.shape[3])) for k, v in kv]
+        for (keys, values), (k, v) in zip(layers, kv):
+            keys[idx, :, p_max - n:] = k[0]
+            values[idx, :, p_max - n:] = v[0]
+    return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device),
+            "past_key_values": DynamicCache(layers, config=model.config)}
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -71,8 +125,13 @@ def generate(
     compute_dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     seed: int | None = None,
+    groups: list | None = None,
 ) -> list[str]:
-    """Complete each prompt; batched with left padding. Returns only the new text."""
+    """Complete each prompt; batched with left padding. Returns only the new text.
+
+    `groups` (one key per prompt): prompts of a group start alike (the same
+    passage before different questions), and the keys and values of their
+    common token prefix are computed once per batch instead of once per row."""
     if seed is not None:
         torch.manual_seed(seed)
     outputs: list[str] = []
@@ -83,8 +142,14 @@ def generate(
         with computing_in(model, compute_dtype):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(device) for k, v in enc.items()}
+                enc = None
+                if groups is not None:
+                    rows = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+                    enc = _shared_prefix_inputs(model, rows, groups[start : start + batch_size],
+                                                tokenizer.pad_token_id)
+                if enc is None:
+                    enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                    enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(**enc, **generate_kwargs(tokenizer, sampling))
                 new = out[:, enc["input_ids"].shape[1] :]
                 for row in new:
