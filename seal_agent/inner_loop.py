@@ -115,7 +115,9 @@ class Merged:
     adapter matmuls) and gives exactly what the weights will give once kept.
     Until then `discard()` puts the very same weight tensors back (a merge
     cannot be undone exactly by subtraction), so a rejected update leaves the
-    model bit for bit as it was; `keep()` drops the adapter, keeping the merge."""
+    model bit for bit as it was; `keep()` drops the adapter, keeping the merge.
+    Holding the originals costs a copy of the adapted weights (425 MB for
+    SmolLM2-135M in fp32) until one of the two is called."""
 
     def __init__(self, peft_model: PeftModel):
         self.peft_model = peft_model

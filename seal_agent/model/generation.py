@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .precision import computing_in
 
@@ -104,6 +105,8 @@ def _shared_prefix_inputs(model, rows: list[list[int]], groups: list, pad_id: in
         if n == 0:
             continue
         past = model(input_ids=torch.tensor([rows[idx[0]][:n]], device=device), use_cache=True).past_key_values
+        if type(past) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in past.layers):
+            return None  # sliding windows, recurrent state: left to generate's own prefill
         kv = [(layer.keys, layer.values) for layer in past.layers]
         if layers is None:
             layers = [(k.new_zeros(len(rows), k.shape[1], p_max, k.shape[3]),
