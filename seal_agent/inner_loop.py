@@ -147,10 +147,6 @@ class Merged:
         self._originals, self.kept = [], True
         return self.peft_model.unload()
 
-    def save_pretrained(self, path: str) -> None:
-        """The adapter's own weights (the adapter log's record)."""
-        self.peft_model.save_pretrained(path)
-
 
 def tokenize(tokenizer, examples: list[Example], max_length: int, loss_on: str, append_eos: bool = False):
     """Each example -> (input_ids, labels) 1-D tensors; labels are -100 where no loss is taken."""

@@ -561,7 +561,7 @@ class Learner:
             return {**manifest_base, "fingerprint": fp}
 
         try:
-            self.live.log.write_version(version, lambda d: candidate.save_pretrained(str(d)), make_manifest)
+            self.live.log.write_version(version, lambda d: candidate.peft_model.save_pretrained(str(d)), make_manifest)
             row = VersionRow(
                 version=version, parent=parent, created_at=manifest_base["created_at"], document_id=doc_id,
                 passage_hashes=[passage.hash], fingerprint=fp["weights"],
