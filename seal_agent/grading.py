@@ -61,6 +61,17 @@ def grade(prediction: str, gold: str, cfg: QAConfig) -> bool:
     return contains(prediction, gold)
 
 
+def settled(partial: str, gold: str, cfg: QAConfig) -> bool:
+    """Whether an answer still being written is graded correct whatever comes
+    next: with the `contains` grader, once the gold is among its finished words
+    (those followed by a space or punctuation; the last word may still grow,
+    "Paris" into "Parisian"). Never for `exact` and `f1`, which later words change."""
+    if cfg.grader != "contains":
+        return False
+    cut = max((i for i, ch in enumerate(partial) if ch.isspace() or ch in _PUNCT), default=-1)
+    return cut > 0 and contains(partial[:cut], gold)
+
+
 # -- LLM judge -----------------------------------------------------------
 
 JUDGE_PROMPT = (

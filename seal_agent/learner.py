@@ -19,7 +19,9 @@ For each passage (one update per passage, as in the paper):
      weights; the database records the new version, makes it live and adds
      the passage's QAs to the replay bank in one transaction.
 A diverged update (NaN/inf) is discarded and the live weights stay as they were.
-QA accuracy is measured with no passage in context and the lexical grader.
+QA accuracy is measured with no passage in context and the lexical grader; the
+gate needs only grades, so an answer stops once the grader has settled it
+correct (`qa.evaluate(until_correct=True)`: the grades of whole answers).
 """
 
 from __future__ import annotations
@@ -237,6 +239,7 @@ class Learner:
         return qa_mod.evaluate(
             model, self.live.tokenizer, questions, self.cfg.qa,
             use_chat=self.cfg.model.use_chat_template, compute_dtype=self.answer_dtype,
+            until_correct=True,  # the gate needs grades: a correct answer ends at its gold
         )
 
     def _drafts(self, passages: list[Passage], start: int, progress: Progress) -> dict[int, Draft]:

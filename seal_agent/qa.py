@@ -8,7 +8,7 @@ import torch
 
 from .config import QAConfig
 from .documents import QA
-from .grading import grade
+from .grading import grade, settled
 from .model.generation import Sampling, generate, render_prompt
 
 
@@ -49,26 +49,32 @@ def question_prompt(tokenizer, q: Question, cfg: QAConfig, use_chat: bool, in_co
 
 def answer(
     model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: torch.dtype,
-    in_context: bool = False, max_new_tokens: int | None = None,
+    in_context: bool = False, max_new_tokens: int | None = None, until_correct: bool = False,
 ) -> list[str]:
     """Greedy answers to questions, batched. In context, the questions about one
-    passage share the passage's keys and values (computed once per batch)."""
+    passage share the passage's keys and values (computed once per batch).
+    `until_correct`: an answer stops as soon as the grader settles it correct
+    (`grading.settled`), and its batch goes on without it."""
     prompts = [question_prompt(tokenizer, q, cfg, use_chat, in_context) for q in questions]
     sampling = Sampling(max_new_tokens=max_new_tokens or cfg.max_new_tokens, temperature=0.0)
     groups = [(q.title, q.context) for q in questions] if in_context else None
+    done = (lambda i, text: settled(text, questions[i].answer, cfg)) if until_correct else None
     return generate(model, tokenizer, prompts, sampling, compute_dtype=compute_dtype, batch_size=cfg.batch_size,
-                    groups=groups)
+                    groups=groups, done=done)
 
 
 def evaluate(
     model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: torch.dtype,
-    in_context: bool = False,
+    in_context: bool = False, until_correct: bool = False,
 ) -> list[Scored]:
-    """Answer and grade (offline grader) each question."""
+    """Answer and grade (offline grader) each question. `until_correct`: where
+    only the grade matters, a correct answer ends where the gold is settled
+    (same grades as whole answers with the `contains` grader; a prediction is
+    then cut short after its gold)."""
     if not questions:
         return []
     preds = answer(model, tokenizer, questions, cfg, use_chat=use_chat, compute_dtype=compute_dtype,
-                   in_context=in_context)
+                   in_context=in_context, until_correct=until_correct)
     return [Scored(q, p, grade(p, q.answer, cfg)) for q, p in zip(questions, preds)]
 
 

@@ -136,7 +136,7 @@ def generate_qas(model, tokenizer, policy: Policy, passages: list[Passage], qa_c
     candidates = [[(q, a) for q, a in ws if usable(q, a)] for ws in written]
     questions = [Question(q, a, p.title, p.text) for p, cs in zip(passages, candidates) for q, a in cs]
     scored = iter(evaluate(model, tokenizer, questions, qa_cfg, use_chat=use_chat, compute_dtype=dtype,
-                           in_context=True))
+                           in_context=True, until_correct=True))
     out = []
     for ws, cs in zip(written, candidates):
         mine = [next(scored) for _ in cs]

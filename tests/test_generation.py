@@ -38,7 +38,7 @@ def test_shared_prefix_answers_exactly_as_one_prompt_per_row(tiny):
     assert shared == plain and any(plain)
 
     rows = tok(prompts, add_special_tokens=False)["input_ids"]
-    enc = _shared_prefix_inputs(model, rows, groups, tok.pad_token_id)
+    enc = _shared_prefix_inputs(model, rows, groups, tok.pad_token_id, 10)
     n_a, n_b = common_prefix(rows[:2]), common_prefix(rows[2:5])
     p = max(n_a, n_b)
     assert enc["past_key_values"].get_seq_length() == p  # computed once per passage, not per row
@@ -50,8 +50,8 @@ def test_shared_prefix_answers_exactly_as_one_prompt_per_row(tiny):
 def test_no_sharing_without_a_long_common_prefix(tiny):
     model, tok = tiny
     rows = tok(["Who led them?", "Who won?"], add_special_tokens=False)["input_ids"]
-    assert _shared_prefix_inputs(model, rows, ["a", "a"], tok.pad_token_id) is None
-    assert _shared_prefix_inputs(model, [[1] * 40, [1] * 40], ["a", "b"], tok.pad_token_id) is None
+    assert _shared_prefix_inputs(model, rows, ["a", "a"], tok.pad_token_id, 10) is None
+    assert _shared_prefix_inputs(model, [[1] * 40, [1] * 40], ["a", "b"], tok.pad_token_id, 10) is None
 
 
 @torch.inference_mode()
@@ -62,3 +62,102 @@ def test_bf16_shared_prefix_runs_and_restores_the_weights(tiny):
     out = generate(model, tok, prompts, Sampling(max_new_tokens=6), compute_dtype=torch.bfloat16, groups=[1, 1])
     assert len(out) == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _model_generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """`model.generate` itself, greedy, left-padded: what generate() must write."""
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        tok.padding_side = side
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1]:]]
+
+
+PROMPTS = ["Who led the Normans?", "Where is Normandy, and why is it called that?", "When?",
+           "In 1066 William the Conqueror led the Normans to victory. Who lost?"]
+
+
+def test_greedy_writes_what_model_generate_writes(tiny):
+    """generate()'s own decoding loop (cache room reserved up front, rows that
+    end leaving the batch) against transformers' generate, left-padded, fp32;
+    then with an end token that one row writes early: that row stops there,
+    as in model.generate, and the others write on unchanged."""
+    model, tok = tiny
+    sampling = Sampling(max_new_tokens=12)
+    assert generate(model, tok, PROMPTS, sampling, batch_size=4) == _model_generate(model, tok, PROMPTS, 12)
+
+    side, tok.padding_side = tok.padding_side, "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = side
+    with torch.inference_mode():
+        ids = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    end = int(ids[1, enc["input_ids"].shape[1] + 3])  # the 4th token row 1 writes
+    model.generation_config.eos_token_id = end
+    ours, theirs = generate(model, tok, PROMPTS, sampling, batch_size=4), _model_generate(model, tok, PROMPTS, 12)
+    assert ours == theirs
+    assert len(tok(ours[1], add_special_tokens=False)["input_ids"]) <= 4  # it stopped at the end token
+
+
+def test_done_stops_rows_and_the_others_write_on_unchanged(tiny):
+    """`done(i, text)`: a row stops where it says so (its text so far is kept);
+    once a quarter of the batch has stopped, the batch shrinks, and the rows
+    still writing get exactly the tokens they get in a full batch."""
+    model, tok = tiny
+    sampling = Sampling(max_new_tokens=12)
+    whole = generate(model, tok, PROMPTS, sampling, batch_size=4)
+    last: dict[int, str] = {}
+
+    def done(i: int, text: str) -> bool:
+        last[i] = text
+        return (i == 1 and len(text) >= 3) or (i == 3 and len(text) >= 12)
+
+    out = generate(model, tok, PROMPTS, sampling, batch_size=4, done=done)
+    assert out[0] == whole[0] and out[2] == whole[2]
+    for i in (1, 3):  # stopped at the first step done said so
+        assert out[i] == last[i].strip() and whole[i].startswith(out[i]) and len(out[i]) < len(whole[i])
+    assert set(last) == {0, 1, 2, 3}
+    # done sees prompt indices across batches
+    out2 = generate(model, tok, PROMPTS, sampling, batch_size=2, done=lambda i, text: i == 3)
+    assert out2[:3] == whole[:3] and whole[3].startswith(out2[3]) and len(out2[3]) < len(whole[3])
+
+
+def test_preallocated_cache_layer_holds_what_concatenation_holds():
+    from seal_agent.model.generation import _Preallocated
+
+    torch.manual_seed(0)
+    parts = [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 4)]
+    layer = _Preallocated(room=2)
+    for part in parts:  # the last part outgrows the room reserved: the layer grows
+        keys, values = layer.update(part, part * 2)
+    assert torch.equal(keys, torch.cat(parts, dim=-2)) and torch.equal(values, 2 * keys)
+    assert layer.get_seq_length() == 11
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    assert torch.equal(layer.keys, torch.cat(parts, dim=-2)[[0, 2]])
+    layer.update(parts[1][:2], parts[1][:2])
+    assert layer.get_seq_length() == 12 and torch.equal(layer.keys[:, :, -1:], parts[1][:2])
+
+
+def test_answers_until_correct_keep_every_grade(tiny, tiny_cfg):
+    """Where only the grade matters, a correct answer ends once its gold is
+    settled; the grades are those of whole answers, a wrong answer is whole."""
+    import dataclasses
+
+    from seal_agent.grading import normalize_answer
+    from seal_agent.qa import Question, evaluate
+
+    model, tok = tiny
+    questions = [Question(q, "-", "The Normans") for q in ("Who led them?", "When did they settle?", "Who lost?")]
+    whole = evaluate(model, tok, questions, tiny_cfg.qa, use_chat=True, compute_dtype=torch.float32)
+    words = [normalize_answer(s.prediction).split() for s in whole]
+    golds = [words[0][1], "zq xv never written", words[2][2]]  # written early / never / early
+    questions = [dataclasses.replace(q, answer=g) for q, g in zip(questions, golds)]
+    full = evaluate(model, tok, questions, tiny_cfg.qa, use_chat=True, compute_dtype=torch.float32)
+    early = evaluate(model, tok, questions, tiny_cfg.qa, use_chat=True, compute_dtype=torch.float32,
+                     until_correct=True)
+    assert [s.correct for s in early] == [s.correct for s in full] == [True, False, True]
+    assert early[1].prediction == full[1].prediction
+    for i in (0, 2):
+        assert full[i].prediction.startswith(early[i].prediction) and len(early[i].prediction) < len(full[i].prediction)

@@ -6,7 +6,7 @@ import pytest
 
 from seal_agent.config import JudgeConfig, QAConfig
 from seal_agent.errors import SealError
-from seal_agent.grading import Judge, contains, exact_match, grade, normalize_answer, parse_yes_no, token_f1
+from seal_agent.grading import Judge, contains, exact_match, grade, normalize_answer, parse_yes_no, settled, token_f1
 
 
 def test_normalize_like_squad():
@@ -28,6 +28,24 @@ def test_grade_uses_configured_grader():
     assert grade("It was Rollo.", "Rollo", QAConfig(grader="contains"))
     assert not grade("It was Rollo.", "Rollo", QAConfig(grader="exact"))
     assert grade("Rollo the Viking", "Rollo Viking", QAConfig(grader="f1", f1_threshold=0.5))
+
+
+def test_settled_only_once_no_later_word_can_change_the_grade():
+    cfg = QAConfig()
+    assert not settled("It is presented in Kelvar", "Kelvar", cfg)  # "Kelvarian" may follow
+    assert settled("It is presented in Kelvar.", "Kelvar", cfg)
+    assert settled("It is presented in Kelvar and", "Kelvar", cfg)
+    assert settled("In the 10th century, in", "10th century", cfg)
+    assert not settled("In the 10th", "10th century", cfg)
+    assert not settled("", "Kelvar", cfg)
+    # every prefix that is settled is graded correct, and so is every continuation
+    whole = "The prize, in Kelvar's harbour town, is presented every three years."
+    for n in range(len(whole) + 1):
+        if settled(whole[:n], "Kelvar", cfg):
+            assert grade(whole[:n], "Kelvar", cfg) and grade(whole, "Kelvar", cfg)
+    assert any(settled(whole[:n], "Kelvar", cfg) for n in range(len(whole)))
+    for grader in ("exact", "f1"):  # later words change these grades
+        assert not settled("Kelvar is", "Kelvar", QAConfig(grader=grader))
 
 
 def test_parse_yes_no():

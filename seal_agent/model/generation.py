@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,66 @@ def common_prefix(rows: list[list[int]]) -> int:
     return n
 
 
-def _shared_prefix_inputs(model, rows: list[list[int]], groups: list, pad_id: int) -> dict | None:
+class _Preallocated(DynamicLayer):
+    """A key/value cache layer written in place into room reserved for the whole
+    generation: a plain layer concatenates (copies its whole cache) at every step."""
+
+    def __init__(self, room: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        self.room, self.length = room, 0
+        if keys is not None:
+            self.update(keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k = self._v = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[3])
+        n = key_states.shape[-2]
+        if self.length + n > self._k.shape[-2]:  # (re)serve room for this and the rest of the generation
+            self._k, self._v = (torch.cat([t[:, :, : self.length], t.new_empty(*t.shape[:2], n + self.room, t.shape[3])],
+                                          dim=-2) for t in (self._k, self._v))
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        return self._view()
+
+    def _view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._view()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
+            self._view()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.is_initialized and tokens_to_remove < 0:
+            self.length = max(0, self.length + tokens_to_remove)
+            self._view()
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+
+def _cache(model, room: int, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache | None:
+    """A cache with `room` tokens reserved per layer beyond `prefix` (keys and values
+    already computed); None for caches other than plain per-layer keys and values
+    (sliding windows, recurrent state), which are left to the model's own."""
+    cache = DynamicCache(config=model.config)
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [_Preallocated(room, *kv) for kv in prefix] if prefix else \
+        [_Preallocated(room) for _ in cache.layers]
+    return cache
+
+
+def _shared_prefix_inputs(model, rows: list[list[int]], groups: list, pad_id: int, room: int) -> dict | None:
     """Inputs for `model.generate` in which each group of rows with a common
     token prefix has that prefix's keys and values computed once, not per row.
 
@@ -114,8 +174,70 @@ def _shared_prefix_inputs(model, rows: list[list[int]], groups: list, pad_id: in
         for (keys, values), (k, v) in zip(layers, kv):
             keys[idx, :, p_max - n:] = k[0]
             values[idx, :, p_max - n:] = v[0]
+    cache = _cache(model, s_max + room, layers)
+    if cache is None:
+        return None
     return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device),
-            "past_key_values": DynamicCache(layers, config=model.config)}
+            "past_key_values": cache}
+
+
+# Generation settings that make `model.generate` differ from plain argmax decoding.
+_NOT_PLAIN = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+              "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "suppress_tokens": None,
+              "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+              "sequence_bias": None, "min_length": 0, "min_new_tokens": None}
+
+
+def plain_greedy(model) -> bool:
+    """Whether greedy `model.generate` is plain argmax decoding for this model
+    (its generation config adds no penalties, suppressions or forced tokens)."""
+    gc = getattr(model, "generation_config", None)
+    return gc is None or all(getattr(gc, key, None) in (None, default) for key, default in _NOT_PLAIN.items())
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def _greedy(model, enc: dict, max_new_tokens: int, eos: set[int],
+            finished: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+    """Greedy decoding of a batch in which a row stops as soon as it writes an
+    end token or `finished(row, its new tokens)` says so; once a quarter of the
+    batch has stopped, those rows leave it (and its cache), so later steps
+    compute only the rows still writing. Each row gets the tokens
+    `model.generate` writes greedily, up to where the row stopped."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    cache = enc.get("past_key_values") or DynamicCache(config=model.config)
+    new: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    rows = list(range(ids.shape[0]))  # the batch's rows, as indices into `new`
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # padding does not count
+    start = cache.get_seq_length()
+    step_ids, step_positions = ids[:, start:], positions[:, start:]
+    stopped: set[int] = set()  # rows done but still computed until the batch is worth shrinking
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens = logits.argmax(-1)
+        for row, token in zip(rows, tokens.tolist()):
+            if row in stopped:
+                continue
+            new[row].append(token)  # an end token too, as model.generate keeps it
+            if token in eos or (finished is not None and finished(row, new[row])):
+                stopped.add(row)
+        keep = [j for j, row in enumerate(rows) if row not in stopped]
+        if not keep:
+            break
+        if len(keep) <= len(rows) * 3 // 4:  # shrinking copies the cache: only once a quarter is done
+            index = torch.tensor(keep, device=tokens.device)
+            cache.batch_select_indices(index)
+            mask, tokens, rows = mask[index], tokens[index], [rows[j] for j in keep]
+        step_positions = mask.long().sum(-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
+        step_ids = tokens[:, None]
+    return new
 
 
 @torch.inference_mode()
@@ -129,12 +251,20 @@ def generate(
     batch_size: int = 8,
     seed: int | None = None,
     groups: list | None = None,
+    done: Callable[[int, str], bool] | None = None,
 ) -> list[str]:
     """Complete each prompt; batched with left padding. Returns only the new text.
 
     `groups` (one key per prompt): prompts of a group start alike (the same
     passage before different questions), and the keys and values of their
-    common token prefix are computed once per batch instead of once per row."""
+    common token prefix are computed once per batch instead of once per row.
+    `done(i, text so far)` (greedy only): prompt i's completion may stop there;
+    the rest of its batch goes on without it.
+
+    Greedy decoding runs its own loop (plain argmax, as `model.generate` for
+    models whose generation config adds no penalties), in which a finished row
+    leaves the batch; sampling runs `model.generate`. Both write keys and values
+    into room reserved for the whole completion."""
     if seed is not None:
         torch.manual_seed(seed)
     outputs: list[str] = []
@@ -149,12 +279,23 @@ def generate(
                 if groups is not None:
                     rows = tokenizer(chunk, add_special_tokens=False)["input_ids"]
                     enc = _shared_prefix_inputs(model, rows, groups[start : start + batch_size],
-                                                tokenizer.pad_token_id)
+                                                tokenizer.pad_token_id, sampling.max_new_tokens)
                 if enc is None:
                     enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
                     enc = {k: v.to(device) for k, v in enc.items()}
-                out = model.generate(**enc, **generate_kwargs(tokenizer, sampling))
-                new = out[:, enc["input_ids"].shape[1] :]
+                    cache = _cache(model, sampling.max_new_tokens)
+                    if cache is not None:
+                        enc["past_key_values"] = cache
+                if sampling.temperature == 0 and plain_greedy(model):
+                    finished = None
+                    if done is not None or sampling.stop:
+                        def finished(i: int, tokens: list[int], at: int = start) -> bool:
+                            text = tokenizer.decode(tokens, skip_special_tokens=True)
+                            return first_stop(text, sampling.stop) >= 0 or (done is not None and done(at + i, text))
+                    new = _greedy(model, enc, sampling.max_new_tokens, _eos_ids(model, tokenizer), finished)
+                else:
+                    out = model.generate(**enc, **generate_kwargs(tokenizer, sampling))
+                    new = out[:, enc["input_ids"].shape[1] :]
                 for row in new:
                     text = tokenizer.decode(row, skip_special_tokens=True)
                     text, _ = _truncate_at_stop(text, sampling.stop)
