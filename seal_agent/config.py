@@ -178,7 +178,8 @@ class ReplayConfig:
     random_m: int = 8
     # Largest share of previously-correct replay QAs an update may get wrong.
     max_forgetting: float = 0.0
-    # Training attempts per update (the retries rehearse what the last one forgot).
+    # Training attempts per update (the retries rehearse what the last one forgot;
+    # none is made that would train on the same examples again).
     attempts: int = 2
     # Rehearsal sequences (passages and self-edits behind the flipped and
     # nearest QAs) per training sequence of the update.

@@ -13,8 +13,10 @@ For each passage (one update per passage, as in the paper):
      random), compared with the live model on the same QAs. If it forgot more
      than allowed, it is retrained with rehearsal of the passages behind the
      forgotten and nearest QAs (with `replay.rehearse_first`, the first attempt
-     already rehearses the nearest); if it still forgets, it is rejected and
-     the live weights stay exactly as they were;
+     already rehearses the nearest); if it still forgets, or if the retry
+     would train on exactly the examples the failed attempt had (only another
+     seed: a reroll against the gate), it is rejected and the live weights
+     stay exactly as they were;
   7. an accepted adapter is stored in the adapter log and merged into the live
      weights; the database records the new version, makes it live and adds
      the passage's QAs to the replay bank in one transaction.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,17 +398,24 @@ class Learner:
             try:
                 progress("replay" if replay else "qa-after", {"index": index, "n": len(replay), "attempt": attempts})
                 done, check, gain_after, check_after = self._check(
-                    candidate.peft_model, questions, replay, before, nearest_ids, report, attempts, h, doc_id)
+                    candidate.peft_model, questions, replay, before, nearest_ids, report)
             except BaseException:
                 candidate.discard()  # never leave an unchecked update on the live weights
                 raise
+            retry = None
+            if not done and self.cfg.replay.gate and attempts < self.cfg.replay.attempts:
+                retry = self._rehearsal(check.flipped, check.nearest_ids, replay, len(edit.examples))
+                if Counter(retry) == Counter(rehearsal):
+                    retry = None  # the same examples again: a retry would only draw another seed
+            if check is not None:
+                self._record_check(check, done, attempts, retry is not None, h, doc_id)
             if done or not self.cfg.replay.gate:
                 break
-            if attempts >= self.cfg.replay.attempts:
+            if retry is None:
                 decision = "rejected"
                 break
             candidate.discard()
-            rehearsal = self._rehearsal(check.flipped, check.nearest_ids, replay, len(edit.examples))
+            rehearsal = retry
         qa_text = {q.id: q.question for q in replay}
         report.checked = check is not None or bool(questions)
         report.forgetting = forgetting.summary(check, attempts, decision, qa_text) if self.bank is not None else None
@@ -424,9 +434,9 @@ class Learner:
         return report
 
     # -- the forgetting check --------------------------------------------
-    def _check(self, candidate, questions, replay, before, nearest_ids, report, attempt, h, doc_id):
-        """Score the candidate on the passage's QAs and the replay sample; record
-        the check as an event. Returns (passes, check, gain answers, replay answers)."""
+    def _check(self, candidate, questions, replay, before, nearest_ids, report):
+        """Score the candidate on the passage's QAs and the replay sample.
+        Returns (passes, check, gain answers, replay answers)."""
         # One batched call for both: generation is cheaper per question in larger batches.
         scored = self._score(candidate, questions + [q.as_question() for q in replay])
         gain_after, after_scored = scored[: len(questions)], scored[len(questions):]
@@ -439,19 +449,27 @@ class Learner:
             gain_n=len(questions), gain_before=report.qa_before, gain_after=report.qa_after,
         )
         ok = forgetting.passes(check, self.cfg.replay.max_forgetting)
+        return ok, check, gain_after, [(q.id, s.correct, s.prediction) for q, s in zip(replay, after_scored)]
+
+    def _record_check(self, check: forgetting.Check, ok: bool, attempt: int, retry: bool, h: str,
+                      doc_id: int) -> None:
+        """The check as an event, with what follows from it."""
         if ok:
             label = "accepted"
         elif not self.cfg.replay.gate:
             label = "accepted (gate off)"
+        elif retry:
+            label = "retry with rehearsal"
+        elif attempt >= self.cfg.replay.attempts:
+            label = "rejected"
         else:
-            label = "rejected" if attempt >= self.cfg.replay.attempts else "retry with rehearsal"
+            label = "rejected (a retry would rehearse the same examples again)"
         self.state.event(
             "learn.check", f"passage {h[:12]} attempt {attempt}: replay {check.accuracy(check.before):.2f}"
             f" -> {check.accuracy(check.after):.2f}, {len(check.flipped)} forgotten: {label}",
             version=self.live.version, document_id=doc_id,
             data=forgetting.summary(check, attempt, label),
         )
-        return ok, check, gain_after, [(q.id, s.correct, s.prediction) for q, s in zip(replay, after_scored)]
 
     def _before(self, passage: Passage, questions: list[qa_mod.Question], progress: Progress, index: int,
                 ) -> tuple[list[BankQA], list[int], dict[int, bool], list[qa_mod.Scored]]:
@@ -520,8 +538,12 @@ class Learner:
                   t0: float) -> PassageReport:
         f = report.forgetting or {}
         report.status = "rejected-forgetting"
+        attempts = f.get("attempts") or 0
         report.error = (f"update would forget {len(f.get('flipped', []))} of the replay QAs the model knew "
-                        f"(replay accuracy {f.get('before')} -> {f.get('after')}) after {f.get('attempts')} attempts")
+                        f"(replay accuracy {f.get('before')} -> {f.get('after')}) after {attempts} "
+                        + ("attempt" if attempts == 1 else "attempts")
+                        + (" (a retry would have rehearsed the same examples again)"
+                           if attempts < self.cfg.replay.attempts else ""))
         with self.state.transaction() as c:
             self.state.set_self_edit_outcome(edit_id, "rejected-forgetting", conn=c)
             self.state.set_passage_status(doc_id, index, "rejected-forgetting", conn=c,

@@ -221,8 +221,14 @@ def test_the_first_attempt_rehearses_the_neighbours_unless_told_not_to(tiny_conf
         agent.close()
 
 
-def test_gate_rejects_a_harmful_update_after_rehearsal_and_leaves_the_model_untouched(tiny_config, two_docs):
-    agent = _agent(tiny_config)
+@pytest.mark.parametrize("rehearse_first", [False, True])
+def test_gate_rejects_a_harmful_update_after_rehearsal_and_leaves_the_model_untouched(tiny_config, two_docs,
+                                                                                      rehearse_first):
+    """The first attempt forgets; a second rehearses the Normans passage behind
+    the forgotten QAs and still forgets. Where the first attempt rehearsed that
+    passage already (`rehearse_first`), a retry would train on the same
+    examples with another seed: none is made, the update is rejected at once."""
+    agent = _agent(tiny_config, f"replay.rehearse_first={str(rehearse_first).lower()}")
     try:
         agent.learn(two_docs[0])
         h = agent.state.query("SELECT hash FROM passages")[0]["hash"]
@@ -234,9 +240,11 @@ def test_gate_rejects_a_harmful_update_after_rehearsal_and_leaves_the_model_unto
         [p] = report["passage_reports"]
         f = report["forgetting"]
         assert p["status"] == "rejected-forgetting" and report["status"] == "rejected-forgetting"
-        assert f["decision"] == "rejected" and f["attempts"] == 2 and f["flipped"]
+        attempts = 1 if rehearse_first else 2
+        assert f["decision"] == "rejected" and f["attempts"] == attempts and f["flipped"]
         assert f["before"] == 1.0 and f["after"] < 1.0 and f["replay_n"] == len(ids)
-        assert p["train"]["rehearsal_examples"] > 0  # the second attempt rehearsed the Normans passage
+        assert p["train"]["rehearsal_examples"] > 0  # the last attempt rehearsed the Normans passage
+        assert ("same examples" in p["error"]) == rehearse_first
         # the live model is bit-for-bit what it was; no version was made
         assert agent.live.version == version == agent.state.live_version()
         after = weights(agent.live.model)
@@ -248,7 +256,9 @@ def test_gate_rejects_a_harmful_update_after_rehearsal_and_leaves_the_model_unto
         assert status == "rejected-forgetting" and json.loads(info)["forgetting"]["decision"] == "rejected"
         assert db.execute("SELECT outcome FROM self_edits ORDER BY id DESC").fetchone()[0] == "rejected-forgetting"
         kinds = [r[0] for r in db.execute("SELECT kind FROM events ORDER BY id")]
-        assert kinds[-3:] == ["learn.check", "learn.check", "learn.rejected"]
+        assert kinds[-1 - attempts:] == ["learn.check"] * attempts + ["learn.rejected"]
+        last_check = db.execute("SELECT message FROM events WHERE kind = 'learn.check' ORDER BY id DESC").fetchone()[0]
+        assert last_check.endswith("rehearse the same examples again)" if rehearse_first else ": rejected")
         # a rejected passage is not "already learned": it can be tried again
         agent.cfg.train.lr = 1e-9
         again = agent.learn(two_docs[1]).as_dict()
