@@ -45,7 +45,9 @@ class ModelConfig:
     train_dtype: str = "auto"
     # Matmul dtype for writing: self-edits, model-written QAs, ReSTEM's samples.
     # "auto" = bfloat16 where the CPU has it natively; the fp32 weights are held
-    # in bf16 for each generate call (model/precision.py): ~2x faster here.
+    # in bf16 for each generate call (model/precision.py). On CPUs with AMX
+    # tiles, batches of 1-3 rows are written in float32, faster there
+    # for a few rows (model/loader.py, BENCHMARKS.md).
     generate_dtype: str = "auto"
     # Matmul dtype for answering: the forgetting gate's checks, eval, the API.
     # float32, so that what the gate checked (and cached) is what is served: bf16

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .config import QAConfig
 from .documents import QA
 from .grading import grade, settled
 from .model.generation import Sampling, generate, render_prompt
+from .model.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ def question_prompt(tokenizer, q: Question, cfg: QAConfig, use_chat: bool, in_co
 
 
 def answer(
-    model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: torch.dtype,
+    model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: Precision,
     in_context: bool = False, max_new_tokens: int | None = None, until_correct: bool = False,
 ) -> list[str]:
     """Greedy answers to questions, batched. In context, the questions about one
@@ -64,7 +63,7 @@ def answer(
 
 
 def evaluate(
-    model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: torch.dtype,
+    model, tokenizer, questions: list[Question], cfg: QAConfig, *, use_chat: bool, compute_dtype: Precision,
     in_context: bool = False, until_correct: bool = False,
 ) -> list[Scored]:
     """Answer and grade (offline grader) each question. `until_correct`: where

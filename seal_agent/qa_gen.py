@@ -20,12 +20,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
 from .config import QAConfig
 from .documents import Passage
 from .grading import normalize_answer
 from .model.generation import generate
+from .model.precision import Precision
 from .policy import Policy
 from .qa import Question, evaluate
 
@@ -118,7 +117,7 @@ def usable(question: str, answer: str) -> bool:
 
 
 def generate_qas(model, tokenizer, policy: Policy, passages: list[Passage], qa_cfg: QAConfig, *, use_chat: bool,
-                 dtype: torch.dtype, seed: int, max_qas: int) -> list[GeneratedQAs]:
+                 dtype: Precision, seed: int, max_qas: int) -> list[GeneratedQAs]:
     """QAs for each passage; the model's writing (mode "model") and its in-context
     answers of every passage's candidates run batched together."""
     rules = policy.questions

@@ -14,6 +14,7 @@ from peft import PeftModel
 from .documents import Passage
 from .inner_loop import Example
 from .model.generation import generate
+from .model.precision import Precision
 from .policy import Policy
 
 
@@ -46,7 +47,7 @@ def policy_adapter(model, adapter_dir: Path | None) -> Iterator:
 
 def write_self_edits(
     model, tokenizer, policy: Policy, passage: Passage, *, n: int = 1, use_chat: bool = True,
-    dtype: torch.dtype = torch.float32, seed: int = 0, adapter: Path | None = None,
+    dtype: Precision = torch.float32, seed: int = 0, adapter: Path | None = None,
 ) -> list[SelfEdit]:
     """Sample `n` self-edits for one passage (batched), with the policy adapter if given."""
     return write_for(model, tokenizer, policy, [passage] * n, use_chat=use_chat, dtype=dtype, seed=seed,
@@ -55,7 +56,7 @@ def write_self_edits(
 
 def write_for(
     model, tokenizer, policy: Policy, passages: list[Passage], *, use_chat: bool = True,
-    dtype: torch.dtype = torch.float32, seed: int = 0, adapter: Path | None = None, batch_size: int = 8,
+    dtype: Precision = torch.float32, seed: int = 0, adapter: Path | None = None, batch_size: int = 8,
 ) -> list[SelfEdit]:
     """One self-edit per passage, `batch_size` passages per generate call (one
     sampling stream, seeded once): decoding several rows at once costs little
@@ -67,7 +68,7 @@ def write_for(
     return [parse(policy, tokenizer, p, prompt, c, use_chat) for p, prompt, c in zip(passages, prompts, completions)]
 
 
-def sample(model, tokenizer, policy: Policy, prompt: str, n: int, dtype: torch.dtype, seed: int) -> list[str]:
+def sample(model, tokenizer, policy: Policy, prompt: str, n: int, dtype: Precision, seed: int) -> list[str]:
     """`n` raw completions of a policy prompt, sampled as the policy file says, in one batch."""
     return generate(model, tokenizer, [prompt] * n, policy.sampling, compute_dtype=dtype, seed=seed, batch_size=n)
 

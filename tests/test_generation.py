@@ -161,3 +161,42 @@ def test_answers_until_correct_keep_every_grade(tiny, tiny_cfg):
     assert early[1].prediction == full[1].prediction
     for i in (0, 2):
         assert full[i].prediction.startswith(early[i].prediction) and len(early[i].prediction) < len(full[i].prediction)
+
+
+def test_a_precision_by_rows_writes_small_batches_in_fp32(tiny):
+    """ByRows(bf16, 3): a batch of fewer than 3 rows runs in fp32 (the same
+    tokens as fp32), a larger one in bf16 (the same tokens as bf16)."""
+    from seal_agent.model.precision import ByRows, batch_dtype
+
+    rule = ByRows(torch.bfloat16, 3)
+    assert batch_dtype(rule, 2) == torch.float32 and batch_dtype(rule, 3) == torch.bfloat16
+    assert batch_dtype(torch.bfloat16, 1) == torch.bfloat16 and str(rule) == "bfloat16 from 3 rows, float32 below"
+    model, tok = tiny
+    sampling = Sampling(max_new_tokens=8)
+    assert generate(model, tok, PROMPTS, sampling, compute_dtype=torch.float32) != \
+        generate(model, tok, PROMPTS, sampling, compute_dtype=torch.bfloat16)  # so the dtype shows
+    for prompts, dtype in ((PROMPTS[:2], torch.float32), (PROMPTS, torch.bfloat16)):
+        assert generate(model, tok, prompts, sampling, compute_dtype=rule, batch_size=4) == \
+            generate(model, tok, prompts, sampling, compute_dtype=dtype, batch_size=4)
+    # batches of one call are chosen one by one: 4 rows in batches of 3 and 1
+    mixed = generate(model, tok, PROMPTS, sampling, compute_dtype=rule, batch_size=3)
+    assert mixed[:3] == generate(model, tok, PROMPTS[:3], sampling, compute_dtype=torch.bfloat16, batch_size=3)
+    assert mixed[3:] == generate(model, tok, PROMPTS[3:], sampling, compute_dtype=torch.float32)
+
+
+def test_writing_dtype_auto_and_explicit(tiny_cfg):
+    """An explicit bfloat16 writes every batch in bf16; "auto" is bf16 where the
+    CPU has it natively, by rows (fp32 for 1-3) on CPUs with AMX tiles."""
+    import dataclasses
+
+    from seal_agent.model.loader import generate_dtype
+    from seal_agent.model.precision import ByRows
+
+    def writing(choice: str):
+        return generate_dtype(dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model,
+                                                                                       generate_dtype=choice)))
+
+    assert writing("bfloat16") == torch.bfloat16 and writing("float32") == torch.float32
+    native = torch.cpu._is_avx512_bf16_supported()
+    amx = native and torch.cpu._is_amx_tile_supported()
+    assert writing("auto") == (ByRows(torch.bfloat16, 4) if amx else torch.bfloat16 if native else torch.float32)

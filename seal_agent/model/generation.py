@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .precision import computing_in
+from .precision import Precision, batch_dtype, computing_in
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def generate(
     prompts: list[str],
     sampling: Sampling,
     *,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: Precision = torch.float32,
     batch_size: int = 8,
     seed: int | None = None,
     groups: list | None = None,
@@ -272,9 +272,9 @@ def generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with computing_in(model, compute_dtype):
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            with computing_in(model, batch_dtype(compute_dtype, len(chunk))):
                 enc = None
                 if groups is not None:
                     rows = tokenizer(chunk, add_special_tokens=False)["input_ids"]

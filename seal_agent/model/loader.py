@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ..config import Config
 from ..errors import SealError
+from .precision import ByRows, Precision
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,21 @@ def train_dtype(cfg: Config) -> torch.dtype:
     return _resolve_dtype(cfg.model.train_dtype, cfg)
 
 
-def generate_dtype(cfg: Config) -> torch.dtype:
-    """Writing: self-edits, model-written QAs."""
-    return _resolve_dtype(cfg.model.generate_dtype, cfg)
+# On CPUs with AMX tiles, writing 1-3 rows in bf16 measured slower than fp32
+# in every run (BENCHMARKS.md: unbatched 8.9-15.3 vs 14.3-20.3 tok/s, 3 rows
+# 17.5-30.7 vs 29.8-34.5); from 4 rows the two are within the noise or bf16
+# is faster. Without AMX (AVX-512-BF16 only) bf16 was faster unbatched too.
+AMX_BF16_MIN_ROWS = 4
+
+
+def generate_dtype(cfg: Config) -> Precision:
+    """Writing: self-edits, model-written QAs. "auto" on a CPU with AMX:
+    bf16 for batches of at least AMX_BF16_MIN_ROWS rows, fp32 for fewer."""
+    dtype = _resolve_dtype(cfg.model.generate_dtype, cfg)
+    if cfg.model.generate_dtype == "auto" and cfg.model.device == "cpu" and dtype == torch.bfloat16 \
+            and torch.cpu._is_amx_tile_supported():
+        return ByRows(torch.bfloat16, AMX_BF16_MIN_ROWS)
+    return dtype
 
 
 def answer_dtype(cfg: Config) -> torch.dtype:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -60,3 +61,26 @@ def weights_in(model, dtype: torch.dtype, *, training: bool = False) -> Iterator
             head.weight = embedding
         for param, data in saved:
             param.data = data
+
+
+@dataclass(frozen=True)
+class ByRows:
+    """A compute dtype chosen per batch: `dtype` for batches of at least
+    `min_rows` rows, float32 for fewer (where `dtype` is slower for them)."""
+
+    dtype: torch.dtype
+    min_rows: int
+
+    def __str__(self) -> str:
+        name = str(self.dtype).removeprefix("torch.")
+        return f"{name} from {self.min_rows} rows, float32 below"
+
+
+Precision = torch.dtype | ByRows
+
+
+def batch_dtype(precision: Precision, rows: int) -> torch.dtype:
+    """The compute dtype of a batch of `rows` rows."""
+    if isinstance(precision, ByRows):
+        return precision.dtype if rows >= precision.min_rows else torch.float32
+    return precision
