@@ -22,8 +22,7 @@ def test_bench_reports_every_figure(tiny_cfg):
     assert result["inner_loop_speedup"] > 0 and 0 < result["inner_loop_peak_fraction"]
     assert result["gemm_gflops"]["bf16"] > 0 and result["gemm_gflops"]["fp32"] > 0
     assert {"batch_1", "batch_8"} <= set(result["generation"])
-    assert result["qa"]["questions"] == result["qa_batch_8"]["questions"] == 16 and result["qa"]["questions_per_s"] > 0
-    assert result["qa_batch_8"]["batch_size"] == 8
+    assert result["qa"]["questions"] == 16 and result["qa"]["questions_per_s"] > 0
     assert set(result["replay_search"]) == {"2000"}
     ingest = result["ingest"]
     assert ingest["passages"] == 3 and ingest["seconds_per_passage"] > 0

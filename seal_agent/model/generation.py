@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -217,9 +218,11 @@ def _greedy(model, enc: dict, max_new_tokens: int, eos: set[int],
     start = cache.get_seq_length()
     step_ids, step_positions = ids[:, start:], positions[:, start:]
     stopped: set[int] = set()  # rows done but still computed until the batch is worth shrinking
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
     for _ in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+                       use_cache=True, **last_only).logits[:, -1]
         tokens = logits.argmax(-1)
         for row, token in zip(rows, tokens.tolist()):
             if row in stopped:
