@@ -172,7 +172,7 @@ def generation_speed(model, tokenizer, policy: Policy, cfg: Config, dtype: Preci
     return out
 
 
-def qa_speed(model, tokenizer, cfg: Config, batch_size: int | None = None) -> dict[str, Any]:
+def qa_speed(model, tokenizer, cfg: Config) -> dict[str, Any]:
     from .qa import Question, evaluate
 
     questions = [Question(q, "x", BENCH_TITLE) for q in (
@@ -180,12 +180,11 @@ def qa_speed(model, tokenizer, cfg: Config, batch_size: int | None = None) -> di
         "How often is the prize awarded?", "What did Mirela Ostrova design?", "How deep is the Coral Library?",
         "How many books does the Coral Library hold?", "Which Dutch studio won the prize?",
     )] * 2
-    qa_cfg = dataclasses.replace(cfg.qa, batch_size=batch_size or cfg.qa.batch_size)
     t0 = time.perf_counter()
-    evaluate(model, tokenizer, questions, qa_cfg, use_chat=cfg.model.use_chat_template,
+    evaluate(model, tokenizer, questions, cfg.qa, use_chat=cfg.model.use_chat_template,
              compute_dtype=answer_dtype(cfg))
     seconds = time.perf_counter() - t0
-    return {"questions": len(questions), "seconds": round(seconds, 2), "batch_size": qa_cfg.batch_size,
+    return {"questions": len(questions), "seconds": round(seconds, 2), "batch_size": cfg.qa.batch_size,
             "questions_per_s": round(len(questions) / seconds, 2), "max_new_tokens": cfg.qa.max_new_tokens}
 
 

@@ -121,12 +121,18 @@ class _Preallocated(DynamicLayer):
         super().reset()
 
 
+def _plain(cache) -> bool:
+    """Whether a cache is plain per-layer keys and values (no sliding windows,
+    no recurrent state): the only kind laid out or reserved here."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 def _cache(model, room: int, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache | None:
     """A cache with `room` tokens reserved per layer beyond `prefix` (keys and values
-    already computed); None for caches other than plain per-layer keys and values
-    (sliding windows, recurrent state), which are left to the model's own."""
+    already computed); None where the model's cache is not plain (`_plain`), which
+    is left to the model's own."""
     cache = DynamicCache(config=model.config)
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if not _plain(cache):
         return None
     cache.layers = [_Preallocated(room, *kv) for kv in prefix] if prefix else \
         [_Preallocated(room) for _ in cache.layers]
@@ -166,7 +172,7 @@ def _shared_prefix_inputs(model, rows: list[list[int]], groups: list, pad_id: in
         if n == 0:
             continue
         past = model(input_ids=torch.tensor([rows[idx[0]][:n]], device=device), use_cache=True).past_key_values
-        if type(past) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in past.layers):
+        if not _plain(past):
             return None  # sliding windows, recurrent state: left to generate's own prefill
         kv = [(layer.keys, layer.values) for layer in past.layers]
         if layers is None:
@@ -211,7 +217,7 @@ def _greedy(model, enc: dict, max_new_tokens: int, eos: set[int],
     compute only the rows still writing. Each row gets the tokens
     `model.generate` writes greedily, up to where the row stopped."""
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    cache = enc.get("past_key_values") or DynamicCache(config=model.config)
+    cache = enc["past_key_values"] if "past_key_values" in enc else DynamicCache(config=model.config)
     new: list[list[int]] = [[] for _ in range(ids.shape[0])]
     rows = list(range(ids.shape[0]))  # the batch's rows, as indices into `new`
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # padding does not count
