@@ -101,6 +101,54 @@ def test_greedy_writes_what_model_generate_writes(tiny):
     assert len(tok(ours[1], add_special_tokens=False)["input_ids"]) <= 4  # it stopped at the end token
 
 
+def _model_sample(model, tok, prompts: list[str], sampling: Sampling, seed: int) -> list[list[int]]:
+    """`model.generate` sampling, left-padded, from `seed`: the tokens each row draws."""
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=sampling.max_new_tokens, do_sample=True,
+                                 temperature=sampling.temperature, top_p=sampling.top_p, pad_token_id=tok.pad_token_id)
+    finally:
+        tok.padding_side = side
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.95), (0.7, 1.0)])
+def test_sampling_draws_what_model_generate_draws(tiny, temperature, top_p):
+    """generate()'s own loop samples as `model.generate` does (temperature, the
+    generation config's or transformers' default top-k, top-p, one multinomial
+    draw per row and step on the global generator): from the same seed, the
+    same tokens while no row has left the batch; a different seed draws others."""
+    model, tok = tiny
+    sampling = Sampling(max_new_tokens=12, temperature=temperature, top_p=top_p)
+    theirs = _model_sample(model, tok, PROMPTS, sampling, seed=3)
+    eos = model.generation_config.eos_token_id
+    assert all(len(row) == 12 and eos not in row for row in theirs)  # no row ended early: all draws comparable
+    ours = generate(model, tok, PROMPTS, sampling, batch_size=4, seed=3)
+    assert ours == [tok.decode(row, skip_special_tokens=True).strip() for row in theirs]
+    assert generate(model, tok, PROMPTS, sampling, batch_size=4, seed=4) != ours
+    model.generation_config.top_k = 5  # the model's own top-k is honoured
+    assert generate(model, tok, PROMPTS, sampling, batch_size=4, seed=3) == \
+        [tok.decode(row, skip_special_tokens=True).strip() for row in _model_sample(model, tok, PROMPTS, sampling, 3)]
+
+
+def test_sampling_with_other_filters_goes_to_model_generate(tiny):
+    """A generation config that samples with a filter the own loop lacks (min-p)
+    is left to `model.generate`, and its draws are model.generate's."""
+    from seal_agent.model.generation import plain_sampling
+
+    model, tok = tiny
+    assert plain_sampling(model)
+    model.generation_config.min_p = 0.2
+    assert not plain_sampling(model)
+    sampling = Sampling(max_new_tokens=8, temperature=1.0)
+    theirs = _model_sample(model, tok, PROMPTS, sampling, seed=5)
+    assert generate(model, tok, PROMPTS, sampling, batch_size=4, seed=5) == \
+        [tok.decode(row, skip_special_tokens=True).strip() for row in theirs]
+
+
 def test_done_stops_rows_and_the_others_write_on_unchanged(tiny):
     """`done(i, text)`: a row stops where it says so (its text so far is kept);
     once a quarter of the batch has stopped, the batch shrinks, and the rows

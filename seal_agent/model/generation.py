@@ -7,7 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.cache_utils import DynamicLayer
 
 from .precision import Precision, batch_dtype, computing_in
@@ -193,6 +200,8 @@ _NOT_PLAIN = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
               "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "suppress_tokens": None,
               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
               "sequence_bias": None, "min_length": 0, "min_new_tokens": None}
+# ...and its sampling from temperature, top-k and top-p alone.
+_NOT_PLAIN_SAMPLING = {"top_h": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 def plain_greedy(model) -> bool:
@@ -202,6 +211,45 @@ def plain_greedy(model) -> bool:
     return gc is None or all(getattr(gc, key, None) in (None, default) for key, default in _NOT_PLAIN.items())
 
 
+def plain_sampling(model) -> bool:
+    """Whether sampling with `model.generate` draws from the temperature, top-k
+    and top-p filtered distribution alone for this model (as `_sampler` does)."""
+    gc = getattr(model, "generation_config", None)
+    return plain_greedy(model) and (
+        gc is None or all(getattr(gc, key, None) in (None, default) for key, default in _NOT_PLAIN_SAMPLING.items()))
+
+
+def _default_top_k(model) -> int:
+    """The top-k `model.generate` samples with: the model's, else transformers' default (50)."""
+    top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+    if top_k is None:
+        defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+        top_k = defaults().get("top_k") if defaults else GenerationConfig().top_k
+    return top_k or 0
+
+
+def _picker(model, sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next tokens from the last position's logits: argmax, or (temperature > 0)
+    one draw from the distribution `model.generate` samples: temperature, then
+    top-k, then top-p, then softmax and `torch.multinomial` on the global
+    generator, one draw per row per step, as transformers does."""
+    if sampling.temperature == 0:
+        return lambda logits: logits.argmax(-1)
+    warpers = LogitsProcessorList()
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if top_k := _default_top_k(model):
+        warpers.append(TopKLogitsWarper(top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(warpers(None, logits.float()), dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+    return pick
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
@@ -209,13 +257,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
-def _greedy(model, enc: dict, max_new_tokens: int, eos: set[int],
+def _decode(model, enc: dict, max_new_tokens: int, eos: set[int], pick: Callable[[torch.Tensor], torch.Tensor],
             finished: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
-    """Greedy decoding of a batch in which a row stops as soon as it writes an
-    end token or `finished(row, its new tokens)` says so; once a quarter of the
-    batch has stopped, those rows leave it (and its cache), so later steps
-    compute only the rows still writing. Each row gets the tokens
-    `model.generate` writes greedily, up to where the row stopped."""
+    """Decoding of a batch (next tokens by `pick`, see `_picker`) in which a row
+    stops as soon as it writes an end token or `finished(row, its new tokens)`
+    says so; once a quarter of the batch has stopped, those rows leave it (and
+    its cache), so later steps compute only the rows still writing. Greedy,
+    each row gets the tokens `model.generate` writes, up to where the row
+    stopped; sampling, the same draws as long as no row has left the batch."""
     ids, mask = enc["input_ids"], enc["attention_mask"]
     cache = enc["past_key_values"] if "past_key_values" in enc else DynamicCache(config=model.config)
     new: list[list[int]] = [[] for _ in range(ids.shape[0])]
@@ -229,7 +278,7 @@ def _greedy(model, enc: dict, max_new_tokens: int, eos: set[int],
     for _ in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
                        use_cache=True, **last_only).logits[:, -1]
-        tokens = logits.argmax(-1)
+        tokens = pick(logits)
         for row, token in zip(rows, tokens.tolist()):
             if row in stopped:
                 continue
@@ -267,13 +316,15 @@ def generate(
     `groups` (one key per prompt): prompts of a group start alike (the same
     passage before different questions), and the keys and values of their
     common token prefix are computed once per batch instead of once per row.
-    `done(i, text so far)` (greedy only): prompt i's completion may stop there;
-    the rest of its batch goes on without it.
+    `done(i, text so far)`: prompt i's completion may stop there; the rest of
+    its batch goes on without it.
 
-    Greedy decoding runs its own loop (plain argmax, as `model.generate` for
-    models whose generation config adds no penalties), in which a finished row
-    leaves the batch; sampling runs `model.generate`. Both write keys and values
-    into room reserved for the whole completion."""
+    Decoding runs its own loop, in which a finished row leaves the batch:
+    greedy is plain argmax and sampling draws from the temperature, top-k and
+    top-p filtered distribution, as `model.generate` for models whose
+    generation config adds nothing else (penalties, other filters; those go
+    to `model.generate`, without `done`). Both write keys and values into room
+    reserved for the whole completion."""
     if seed is not None:
         torch.manual_seed(seed)
     outputs: list[str] = []
@@ -295,13 +346,14 @@ def generate(
                     cache = _cache(model, sampling.max_new_tokens)
                     if cache is not None:
                         enc["past_key_values"] = cache
-                if sampling.temperature == 0 and plain_greedy(model):
+                if plain_greedy(model) if sampling.temperature == 0 else plain_sampling(model):
                     finished = None
                     if done is not None or sampling.stop:
                         def finished(i: int, tokens: list[int], at: int = start) -> bool:
                             text = tokenizer.decode(tokens, skip_special_tokens=True)
                             return first_stop(text, sampling.stop) >= 0 or (done is not None and done(at + i, text))
-                    new = _greedy(model, enc, sampling.max_new_tokens, _eos_ids(model, tokenizer), finished)
+                    new = _decode(model, enc, sampling.max_new_tokens, _eos_ids(model, tokenizer),
+                                  _picker(model, sampling), finished)
                 else:
                     out = model.generate(**enc, **generate_kwargs(tokenizer, sampling))
                     new = out[:, enc["input_ids"].shape[1] :]
