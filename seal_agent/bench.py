@@ -36,7 +36,7 @@ from .config import Config
 from .inner_loop import Example, attach_lora, compile_failure, tokenize, train
 from .model.generation import Sampling, generate
 from .model.loader import answer_dtype, generate_dtype, load_model, load_tokenizer, resolve_base, train_dtype
-from .model.precision import ByRows, Precision
+from .model.precision import ByRows, Precision, batch_dtype
 from .policy import Policy
 
 BENCH_TITLE = "The Zorblax Prize"
@@ -188,8 +188,11 @@ def qa_speed(model, tokenizer, cfg: Config) -> dict[str, Any]:
             "questions_per_s": round(len(questions) / seconds, 2), "max_new_tokens": cfg.qa.max_new_tokens}
 
 
-def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8, queries: int = 200) -> dict:
-    """Top-k latency of an exact inner-product FAISS index over normalized random vectors."""
+def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8, queries: int = 200,
+                  query_seconds: float = 10.0) -> dict:
+    """Top-k latency of an exact inner-product FAISS index over normalized random
+    vectors: `queries` one by one; where they would take longer than
+    `query_seconds` (1M vectors: ~0.2 s each), as many as fit in it, at least 20."""
     import faiss
 
     rng = np.random.default_rng(0)
@@ -202,13 +205,16 @@ def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8
         xq = rng.standard_normal((queries, dim), dtype=np.float32)
         faiss.normalize_L2(xq)
         index.search(xq[:4], k)  # warm-up
+        t0 = time.perf_counter()
+        index.search(xq[:1], k)  # how long one query takes
+        n_queries = min(queries, max(20, int(query_seconds / max(time.perf_counter() - t0, 1e-9))))
         lat = []
-        for q in xq:
+        for q in xq[:n_queries]:
             t0 = time.perf_counter()
             index.search(q[None], k)
             lat.append(time.perf_counter() - t0)
         out[str(n)] = {"p50_ms": round(1000 * float(np.median(lat)), 3),
-                       "p95_ms": round(1000 * float(np.percentile(lat, 95)), 3)}
+                       "p95_ms": round(1000 * float(np.percentile(lat, 95)), 3), "queries": n_queries}
         del index, xb
         gc.collect()
     return out
@@ -250,6 +256,10 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
               replay_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), query_requests: int = 12,
               ) -> dict[str, Any]:
     t_start = time.perf_counter()
+
+    def part(text: str) -> None:  # each part with the run's time so far: where a run's minutes go
+        log(f"[{time.perf_counter() - t_start:4.0f} s] {text}")
+
     base_dir = resolve_base(cfg)
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, cfg)
@@ -257,21 +267,21 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
     examples = bench_examples(policy)
     result: dict[str, Any] = {"model": cfg.model.base, "params": n_params, "threads": torch.get_num_threads()}
 
-    log("matmul peak ...")
+    part("matmul peak ...")
     peak = {"fp32": round(gemm_gflops(torch.float32), 1), "bf16": round(gemm_gflops(torch.bfloat16), 1)}
     result["gemm_gflops"] = peak
 
-    log("inner loop: seal-agent ...")
+    part("inner loop: seal-agent ...")
     mine = ours(model, tokenizer, examples, cfg)
     first = eager = None
     if cfg.train.compile:  # the first update compiled the blocks; side by side: compiled vs not
-        log("inner loop: seal-agent compiled, then uncompiled ...")
+        part("inner loop: seal-agent compiled, then uncompiled ...")
         first, mine = mine, ours(model, tokenizer, examples, cfg)
         eager = ours(model, tokenizer, examples,
                      dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False)))
-    log("inner loop: Trainer reference ...")
+    part("inner loop: Trainer reference ...")
     ref = trainer_reference(model, tokenizer, examples, cfg)
-    log(f"inner loop: SEAL authors' setup (padded to 2048; {seal_steps} steps, extrapolated) ...")
+    part(f"inner loop: SEAL authors' setup (padded to 2048; {seal_steps} steps, extrapolated) ...")
     seal = trainer_reference(model, tokenizer, examples, cfg, pad_to=2048, max_steps=seal_steps)
     for r in (mine, ref, seal, first, eager):
         if r is None:
@@ -298,23 +308,25 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
     result["inner_loop_peak_fraction"] = round(achieved / peak["bf16"], 3)
     result["inner_loop_peak_fraction_of"] = f"bf16 GEMM peak (ours runs {peak_dtype})"
 
-    log("self-edit generation ...")
+    part("self-edit generation ...")
     writing = generate_dtype(cfg)
     result["generation"] = {**generation_speed(model, tokenizer, policy, cfg, writing),
                             "dtype": str(writing).removeprefix("torch.")}
-    if writing != torch.float32:  # side by side: what holding the weights in bf16 buys
-        result["generation_fp32"] = generation_speed(model, tokenizer, policy, cfg, torch.float32)
+    # side by side: what holding the weights in bf16 buys, at the sizes written in bf16
+    bf16_batches = tuple(b for b in (1, 8) if batch_dtype(writing, b) != torch.float32)
+    if bf16_batches:
+        result["generation_fp32"] = generation_speed(model, tokenizer, policy, cfg, torch.float32, bf16_batches)
     if isinstance(writing, ByRows):  # and bf16 unbatched, which the rule writes in fp32
         result["generation_bf16"] = generation_speed(model, tokenizer, policy, cfg, writing.dtype, batches=(1,))
-    log("QA evaluation ...")
+    part("QA evaluation ...")
     result["qa"] = qa_speed(model, tokenizer, cfg)
     del model
     gc.collect()
-    log("replay search (FAISS) ...")
+    part("replay search (FAISS) ...")
     result["replay_search"] = replay_search(replay_sizes)
-    log("end-to-end ingest ...")
+    part("end-to-end ingest ...")
     result["ingest"] = ingest(cfg, base_dir.parent)
-    log("query latency through the API, learner idle vs training ...")
+    part("query latency through the API, learner idle vs training ...")
     result["query_latency"] = query_latency(cfg, policy, requests=query_requests)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     return result
@@ -396,17 +408,17 @@ def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: i
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
     question = [{"role": "user", "content": "Who won the Zorblax Prize in 2031?"}]
 
-    def measure() -> dict[str, float]:
+    def measure(n: int = requests) -> dict[str, float]:
         lat = []
-        for _ in range(requests):
+        for _ in range(n):
             t0 = time.perf_counter()
             client.chat.completions.create(model=cfg.api.model_name, messages=question, max_tokens=max_tokens)
             lat.append(time.perf_counter() - t0)
         return {"p50_s": round(float(np.median(lat)), 3), "p95_s": round(float(np.percentile(lat, 95)), 3),
-                "requests": requests}
+                "requests": n}
 
     try:
-        measure()  # warm-up
+        measure(2)  # warm-up
         idle = measure()
         training = threading.Event()
         done = threading.Event()

@@ -38,5 +38,7 @@ def test_bench_reports_every_figure(tiny_cfg):
 
 def test_replay_search_and_gemm_measure_something():
     r = replay_search((500, 1000), dim=16, k=3, queries=5)
-    assert set(r) == {"500", "1000"} and all(v["p50_ms"] >= 0 for v in r.values())
+    assert set(r) == {"500", "1000"} and all(v["p50_ms"] >= 0 and v["queries"] == 5 for v in r.values())
+    # queries that would take longer than query_seconds: fewer, but 20
+    assert replay_search((500,), dim=16, k=3, queries=50, query_seconds=0.0)["500"]["queries"] == 20
     assert gemm_gflops(__import__("torch").float32, size=64, reps=2) > 0
