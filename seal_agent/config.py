@@ -181,8 +181,11 @@ class ReplayConfig:
     # Largest share of previously-correct replay QAs an update may get wrong.
     max_forgetting: float = 0.0
     # Training attempts per update (the retries rehearse what the last one forgot;
-    # none is made that would train on the same examples again).
-    attempts: int = 2
+    # none is made that would train on the same examples again). 1: an update
+    # that forgets is rejected after its first attempt; with rehearse_first no
+    # retry measured passed (0 of 13, BENCHMARKS.md), each cost a second update
+    # and check. With rehearse_first = false, 2 (only retries rehearse).
+    attempts: int = 1
     # Rehearsal sequences (passages and self-edits behind the flipped and
     # nearest QAs) per training sequence of the update.
     rehearsal_ratio: float = 1.0

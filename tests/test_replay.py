@@ -221,14 +221,15 @@ def test_the_first_attempt_rehearses_the_neighbours_unless_told_not_to(tiny_conf
         agent.close()
 
 
-@pytest.mark.parametrize("rehearse_first", [False, True])
+@pytest.mark.parametrize("rehearse_first,allowed", [(False, 2), (True, 2), (True, 1)])
 def test_gate_rejects_a_harmful_update_after_rehearsal_and_leaves_the_model_untouched(tiny_config, two_docs,
-                                                                                      rehearse_first):
+                                                                                      rehearse_first, allowed):
     """The first attempt forgets; a second rehearses the Normans passage behind
     the forgotten QAs and still forgets. Where the first attempt rehearsed that
     passage already (`rehearse_first`), a retry would train on the same
-    examples with another seed: none is made, the update is rejected at once."""
-    agent = _agent(tiny_config, f"replay.rehearse_first={str(rehearse_first).lower()}")
+    examples with another seed: none is made, the update is rejected at once.
+    With one attempt allowed (the default), it is rejected after the first."""
+    agent = _agent(tiny_config, f"replay.rehearse_first={str(rehearse_first).lower()}", f"replay.attempts={allowed}")
     try:
         agent.learn(two_docs[0])
         h = agent.state.query("SELECT hash FROM passages")[0]["hash"]
@@ -241,10 +242,11 @@ def test_gate_rejects_a_harmful_update_after_rehearsal_and_leaves_the_model_unto
         f = report["forgetting"]
         assert p["status"] == "rejected-forgetting" and report["status"] == "rejected-forgetting"
         attempts = 1 if rehearse_first else 2
+        same = rehearse_first and allowed == 2  # a retry was allowed but would have repeated the examples
         assert f["decision"] == "rejected" and f["attempts"] == attempts and f["flipped"]
         assert f["before"] == 1.0 and f["after"] < 1.0 and f["replay_n"] == len(ids)
         assert p["train"]["rehearsal_examples"] > 0  # the last attempt rehearsed the Normans passage
-        assert ("same examples" in p["error"]) == rehearse_first
+        assert ("same examples" in p["error"]) == same
         # the live model is bit-for-bit what it was; no version was made
         assert agent.live.version == version == agent.state.live_version()
         after = weights(agent.live.model)
@@ -258,7 +260,7 @@ def test_gate_rejects_a_harmful_update_after_rehearsal_and_leaves_the_model_unto
         kinds = [r[0] for r in db.execute("SELECT kind FROM events ORDER BY id")]
         assert kinds[-1 - attempts:] == ["learn.check"] * attempts + ["learn.rejected"]
         last_check = db.execute("SELECT message FROM events WHERE kind = 'learn.check' ORDER BY id DESC").fetchone()[0]
-        assert last_check.endswith("rehearse the same examples again)" if rehearse_first else ": rejected")
+        assert last_check.endswith("rehearse the same examples again)" if same else ": rejected")
         # a rejected passage is not "already learned": it can be tried again
         agent.cfg.train.lr = 1e-9
         again = agent.learn(two_docs[1]).as_dict()
