@@ -213,7 +213,7 @@ def plain_greedy(model) -> bool:
 
 def plain_sampling(model) -> bool:
     """Whether sampling with `model.generate` draws from the temperature, top-k
-    and top-p filtered distribution alone for this model (as `_sampler` does)."""
+    and top-p filtered distribution alone for this model (as `_picker` does)."""
     gc = getattr(model, "generation_config", None)
     return plain_greedy(model) and (
         gc is None or all(getattr(gc, key, None) in (None, default) for key, default in _NOT_PLAIN_SAMPLING.items()))
