@@ -64,16 +64,25 @@ def test_bf16_shared_prefix_runs_and_restores_the_weights(tiny):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def _model_generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """`model.generate` itself, greedy, left-padded: what generate() must write."""
+def _model_tokens(model, tok, prompts: list[str], **kwargs) -> list[list[int]]:
+    """`model.generate` itself, left-padded: the new tokens of each row."""
     side, tok.padding_side = tok.padding_side, "left"
     try:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(**enc, pad_token_id=tok.pad_token_id, **kwargs)
     finally:
         tok.padding_side = side
-    return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1]:]]
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+def _texts(tok, rows: list[list[int]]) -> list[str]:
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+
+def _model_generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """`model.generate` greedy: what generate() must write."""
+    return _texts(tok, _model_tokens(model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=False))
 
 
 PROMPTS = ["Who led the Normans?", "Where is Normandy, and why is it called that?", "When?",
@@ -89,12 +98,7 @@ def test_greedy_writes_what_model_generate_writes(tiny):
     sampling = Sampling(max_new_tokens=12)
     assert generate(model, tok, PROMPTS, sampling, batch_size=4) == _model_generate(model, tok, PROMPTS, 12)
 
-    side, tok.padding_side = tok.padding_side, "left"
-    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    tok.padding_side = side
-    with torch.inference_mode():
-        ids = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    end = int(ids[1, enc["input_ids"].shape[1] + 3])  # the 4th token row 1 writes
+    end = _model_tokens(model, tok, PROMPTS, max_new_tokens=12, do_sample=False)[1][3]  # the 4th token row 1 writes
     model.generation_config.eos_token_id = end
     ours, theirs = generate(model, tok, PROMPTS, sampling, batch_size=4), _model_generate(model, tok, PROMPTS, 12)
     assert ours == theirs
@@ -102,17 +106,10 @@ def test_greedy_writes_what_model_generate_writes(tiny):
 
 
 def _model_sample(model, tok, prompts: list[str], sampling: Sampling, seed: int) -> list[list[int]]:
-    """`model.generate` sampling, left-padded, from `seed`: the tokens each row draws."""
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=sampling.max_new_tokens, do_sample=True,
-                                 temperature=sampling.temperature, top_p=sampling.top_p, pad_token_id=tok.pad_token_id)
-    finally:
-        tok.padding_side = side
-    return out[:, enc["input_ids"].shape[1]:].tolist()
+    """`model.generate` sampling from `seed`: the tokens each row draws."""
+    torch.manual_seed(seed)
+    return _model_tokens(model, tok, prompts, max_new_tokens=sampling.max_new_tokens, do_sample=True,
+                         temperature=sampling.temperature, top_p=sampling.top_p)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 0.95), (0.7, 1.0)])
@@ -127,11 +124,11 @@ def test_sampling_draws_what_model_generate_draws(tiny, temperature, top_p):
     eos = model.generation_config.eos_token_id
     assert all(len(row) == 12 and eos not in row for row in theirs)  # no row ended early: all draws comparable
     ours = generate(model, tok, PROMPTS, sampling, batch_size=4, seed=3)
-    assert ours == [tok.decode(row, skip_special_tokens=True).strip() for row in theirs]
+    assert ours == _texts(tok, theirs)
     assert generate(model, tok, PROMPTS, sampling, batch_size=4, seed=4) != ours
     model.generation_config.top_k = 5  # the model's own top-k is honoured
     assert generate(model, tok, PROMPTS, sampling, batch_size=4, seed=3) == \
-        [tok.decode(row, skip_special_tokens=True).strip() for row in _model_sample(model, tok, PROMPTS, sampling, 3)]
+        _texts(tok, _model_sample(model, tok, PROMPTS, sampling, 3))
 
 
 def test_sampling_with_other_filters_goes_to_model_generate(tiny):
@@ -145,8 +142,7 @@ def test_sampling_with_other_filters_goes_to_model_generate(tiny):
     assert not plain_sampling(model)
     sampling = Sampling(max_new_tokens=8, temperature=1.0)
     theirs = _model_sample(model, tok, PROMPTS, sampling, seed=5)
-    assert generate(model, tok, PROMPTS, sampling, batch_size=4, seed=5) == \
-        [tok.decode(row, skip_special_tokens=True).strip() for row in theirs]
+    assert generate(model, tok, PROMPTS, sampling, batch_size=4, seed=5) == _texts(tok, theirs)
 
 
 def test_done_stops_rows_and_the_others_write_on_unchanged(tiny):

@@ -204,19 +204,22 @@ _NOT_PLAIN = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
 _NOT_PLAIN_SAMPLING = {"top_h": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
+def _unset(model, settings: dict) -> bool:
+    """Whether the model's generation config leaves each of `settings` unset or at its default."""
+    gc = getattr(model, "generation_config", None)
+    return gc is None or all(getattr(gc, key, None) in (None, default) for key, default in settings.items())
+
+
 def plain_greedy(model) -> bool:
     """Whether greedy `model.generate` is plain argmax decoding for this model
     (its generation config adds no penalties, suppressions or forced tokens)."""
-    gc = getattr(model, "generation_config", None)
-    return gc is None or all(getattr(gc, key, None) in (None, default) for key, default in _NOT_PLAIN.items())
+    return _unset(model, _NOT_PLAIN)
 
 
 def plain_sampling(model) -> bool:
     """Whether sampling with `model.generate` draws from the temperature, top-k
     and top-p filtered distribution alone for this model (as `_picker` does)."""
-    gc = getattr(model, "generation_config", None)
-    return plain_greedy(model) and (
-        gc is None or all(getattr(gc, key, None) in (None, default) for key, default in _NOT_PLAIN_SAMPLING.items()))
+    return _unset(model, _NOT_PLAIN) and _unset(model, _NOT_PLAIN_SAMPLING)
 
 
 def _default_top_k(model) -> int:
