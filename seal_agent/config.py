@@ -344,7 +344,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 # Counts that make no sense below a minimum (a batch of 0 rows).
-_AT_LEAST = {"policy.write_batch": 1, "qa.batch_size": 1, "train.batch_size": 1, "train.epochs": 1}
+_AT_LEAST = {"policy.write_batch": 1, "qa.batch_size": 1, "train.batch_size": 1, "train.epochs": 1,
+             "replay.attempts": 1}
 
 
 def _resolve(base: Path, p: str) -> Path:

@@ -52,6 +52,7 @@ def test_overrides_are_typed(tmp_path):
     ("train.loss_on='some'", "must be one of"),
     ("policy.write_batch=0", "'policy.write_batch' must be at least 1, got 0"),
     ("qa.batch_size=-2", "'qa.batch_size' must be at least 1"),
+    ("replay.attempts=0", "'replay.attempts' must be at least 1, got 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
