@@ -55,7 +55,8 @@ class ModelConfig:
     # merged weights, enough to flip greedy answers (BENCHMARKS.md).
     answer_dtype: str = "float32"
     # Attention kernel: "eager" (plain matmuls) trains ~20% faster on this CPU
-    # than torch's CPU flash attention ("sdpa") for rows of a few hundred tokens.
+    # than torch's CPU flash attention ("sdpa") for rows of a few hundred tokens;
+    # without gradients it reads the key/value cache in place (model/attention.py).
     attn_implementation: str = "eager"
     # Torch intra-op threads; 0 = torch's default (one per core).
     threads: int = 0

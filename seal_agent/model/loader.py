@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ..config import Config
 from ..errors import SealError
+from .attention import use_grouped
 from .precision import ByRows, Precision
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def load_model(path: Path, cfg: Config) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=_DTYPES[cfg.model.dtype], device_map=None, attn_implementation=cfg.model.attn_implementation
     )
+    use_grouped(model)  # eager attention without copying the cache per decoded token (model/attention.py)
     model.to(cfg.model.device)
     model.eval()
     return model
