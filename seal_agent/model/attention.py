@@ -8,7 +8,7 @@ model-written questions: dozens of rows of ~400 tokens) those copies move more
 memory than the weights do. Here the query heads of a group are stacked
 instead, so each key/value head is read in place: the same dot products, the
 same softmax, the same outputs (bit for bit in every comparison made: tests,
-BENCHMARKS.md), 2-3x faster with a passage in context.
+BENCHMARKS.md), 1.3-3x faster with a passage in the prompt.
 
 Only inference takes the grouped path: with gradients on (the inner loop) the
 standard function runs unchanged. And it is installed only on models whose
