@@ -71,11 +71,9 @@ def has_standard_eager(model: PreTrainedModel) -> bool:
         return False
 
 
-def use_grouped(model: PreTrainedModel) -> bool:
+def use_grouped(model: PreTrainedModel) -> None:
     """Switch an eager-attention model to the grouped form where that computes
-    the same thing (see the module's docstring). Returns whether it did."""
-    if (model.config._attn_implementation != "eager" or not has_standard_eager(model)
-            or not model._can_set_attn_implementation()):
-        return False
-    model.set_attn_implementation(NAME)
-    return model.config._attn_implementation == NAME
+    the same thing (see the module's docstring)."""
+    if (model.config._attn_implementation == "eager" and has_standard_eager(model)
+            and model._can_set_attn_implementation()):
+        model.set_attn_implementation(NAME)
