@@ -344,9 +344,60 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-# Counts that make no sense below a minimum (a batch of 0 rows).
-_AT_LEAST = {"policy.write_batch": 1, "qa.batch_size": 1, "train.batch_size": 1, "train.epochs": 1,
-             "replay.attempts": 1}
+@dataclass(frozen=True)
+class Bound:
+    """The domain of a number: `low`/`high` inclusive unless marked open."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return (f"between {self.low:g} and {self.high:g}" if not (self.low_open or self.high_open) else
+                    f"{'above' if self.low_open else 'at least'} {self.low:g} and "
+                    f"{'below' if self.high_open else 'at most'} {self.high:g}")
+        if self.low is not None:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        return f"{'below' if self.high_open else 'at most'} {self.high:g}"
+
+
+_AT_LEAST_0, _AT_LEAST_1, _POSITIVE = Bound(0), Bound(1), Bound(0, low_open=True)
+_SHARE, _FRACTION = Bound(0, 1), Bound(0, 1, high_open=True)
+
+# Numbers outside these domains are refused when the config is read, naming
+# the key, instead of failing later inside a library (lora.r = 0 in peft) or
+# acting silently as something else (a negative learning rate climbs the loss).
+_BOUNDS: dict[str, Bound] = {
+    "model.threads": _AT_LEAST_0,
+    "policy.write_batch": _AT_LEAST_1,
+    "split.max_tokens": _AT_LEAST_1, "split.min_tokens": _AT_LEAST_0,
+    "lora.r": _AT_LEAST_1, "lora.alpha": _AT_LEAST_1, "lora.dropout": _FRACTION,
+    "train.epochs": _AT_LEAST_1, "train.lr": _POSITIVE, "train.batch_size": _AT_LEAST_1,
+    "train.pack_tokens": _AT_LEAST_0, "train.max_length": _AT_LEAST_1, "train.weight_decay": _AT_LEAST_0,
+    "train.max_grad_norm": _POSITIVE, "train.warmup_steps": _AT_LEAST_0,
+    "qa.f1_threshold": _SHARE, "qa.max_new_tokens": _AT_LEAST_1, "qa.batch_size": _AT_LEAST_1,
+    "judge.timeout_s": _POSITIVE,
+    "replay.max_qas": _AT_LEAST_0, "replay.nearest_k": _AT_LEAST_0, "replay.random_m": _AT_LEAST_0,
+    "replay.max_forgetting": _SHARE, "replay.attempts": _AT_LEAST_1, "replay.rehearsal_ratio": _AT_LEAST_0,
+    "replay.rehearsal_passages": _AT_LEAST_0,
+    "inbox.stable_s": _AT_LEAST_0, "inbox.poll_s": _POSITIVE, "inbox.max_bytes": _AT_LEAST_1,
+    "api.port": Bound(0, 65535), "api.max_request_bytes": _AT_LEAST_1, "api.max_tokens": _AT_LEAST_1,
+    "api.default_max_tokens": _AT_LEAST_1,
+    "daemon.max_attempts": _AT_LEAST_1, "daemon.status_decisions": _AT_LEAST_0,
+    "schedule.replay_check_sample": _AT_LEAST_0,
+    "restem.contexts": _AT_LEAST_1, "restem.samples": _AT_LEAST_1, "restem.seeds": _AT_LEAST_1,
+    "restem.max_questions": _AT_LEAST_1, "restem.heldout_fraction": _FRACTION,
+    "restem.heldout_contexts": _AT_LEAST_1, "restem.retention_penalty": _AT_LEAST_0,
+    "restem.replay_k": _AT_LEAST_0, "restem.lora_r": _AT_LEAST_1, "restem.lora_alpha": _AT_LEAST_1,
+    "restem.epochs": _AT_LEAST_1, "restem.lr": _POSITIVE,
+    "adapter_log.snapshot_every": _AT_LEAST_0, "adapter_log.keep_snapshots": _AT_LEAST_0,
+}
 
 
 def _resolve(base: Path, p: str) -> Path:
@@ -405,8 +456,8 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     value = _check_type(key, value, hints[name])
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {_CHOICES[key]}, got {value!r}")
-    if key in _AT_LEAST and value < _AT_LEAST[key]:
-        raise ConfigError(f"config key '{key}' must be at least {_AT_LEAST[key]}, got {value!r}")
+    if key in _BOUNDS and not (value == value and _BOUNDS[key].holds(value)):  # NaN holds nothing
+        raise ConfigError(f"config key '{key}' must be {_BOUNDS[key].describe()}, got {value!r}")
     setattr(section, name, value)
 
 
@@ -439,6 +490,10 @@ def load_config(
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
         for section_name, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: top-level key '{section_name}' must be a [section]")
@@ -454,7 +509,18 @@ def load_config(
         _set(cfg, key, value)
     if state_dir is not None:
         cfg.paths.state_dir = str(Path(state_dir).resolve())
+    _check_together(cfg)
     return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Keys whose domains depend on each other."""
+    if cfg.api.default_max_tokens > cfg.api.max_tokens:
+        raise ConfigError(f"api.default_max_tokens ({cfg.api.default_max_tokens}) is over api.max_tokens "
+                          f"({cfg.api.max_tokens}): every request without max_tokens would be refused")
+    if cfg.split.min_tokens > cfg.split.max_tokens:
+        raise ConfigError(f"split.min_tokens ({cfg.split.min_tokens}) is over split.max_tokens "
+                          f"({cfg.split.max_tokens})")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

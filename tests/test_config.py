@@ -53,6 +53,18 @@ def test_overrides_are_typed(tmp_path):
     ("policy.write_batch=0", "'policy.write_batch' must be at least 1, got 0"),
     ("qa.batch_size=-2", "'qa.batch_size' must be at least 1"),
     ("replay.attempts=0", "'replay.attempts' must be at least 1, got 0"),
+    ("train.lr=-1", "'train.lr' must be above 0, got -1.0"),
+    ("train.lr=0", "'train.lr' must be above 0, got 0.0"),
+    ("train.lr=nan", "'train.lr' must be above 0, got nan"),
+    ("lora.r=0", "'lora.r' must be at least 1, got 0"),
+    ("lora.dropout=1", "'lora.dropout' must be at least 0 and below 1, got 1.0"),
+    ("api.port=70000", "'api.port' must be between 0 and 65535, got 70000"),
+    ("api.port=-1", "'api.port' must be between 0 and 65535, got -1"),
+    ("inbox.max_bytes=-1", "'inbox.max_bytes' must be at least 1, got -1"),
+    ("split.max_tokens=0", "'split.max_tokens' must be at least 1, got 0"),
+    ("replay.max_forgetting=1.5", "'replay.max_forgetting' must be between 0 and 1, got 1.5"),
+    ("api.default_max_tokens=600", r"api.default_max_tokens \(600\) is over api.max_tokens \(512\)"),
+    ("split.min_tokens=500", r"split.min_tokens \(500\) is over split.max_tokens"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -66,6 +78,28 @@ def test_bad_config_file_names_file_and_key(tmp_path):
         load_config(path)
     path.write_text("[train\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", [
+    "train.lr=1e-9", "lora.r=1", "lora.dropout=0", "api.port=0", "api.port=65535", "inbox.max_bytes=1",
+    "split.max_tokens=32", "split.min_tokens=0", "replay.max_forgetting=1", "replay.max_forgetting=0",
+    "restem.promote_margin=-3", "restem.min_reward=-1",
+])
+def test_values_at_the_edge_of_their_domain_are_taken(override):
+    key, value = override.split("=")
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(None, [override]), section), name) == float(value)
+
+
+def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"[train]\nepochs = 3 # \xff\xfe latin-1\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: not UTF-8"):
+        load_config(path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ConfigError, match="cannot be read"):
         load_config(path)
 
 
