@@ -141,9 +141,10 @@ def test_drop_learn_and_ask_with_the_openai_client_bad_files_rejected(setup):
 
         # streaming, completions, documents through the API, jobs, errors in OpenAI's shape
         stream = client.chat.completions.create(model="seal-agent", max_tokens=5, stream=True,
+                                                stream_options={"include_usage": True},
                                                 messages=[{"role": "user", "content": "Hello"}])
-        chunks = list(stream)
-        assert chunks and chunks[-1].choices[0].finish_reason == "stop"
+        *chunks, usage = list(stream)
+        assert chunks[-1].choices[0].finish_reason == ("length" if usage.usage.completion_tokens == 5 else "stop")
         done = client.completions.create(model="seal-agent", prompt="The Normans", max_tokens=3)
         assert isinstance(done.choices[0].text, str)
         with pytest.raises(openai.BadRequestError) as e:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -11,13 +14,18 @@ from transformers import (
     DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
+    TextIteratorStreamer,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 from transformers.cache_utils import DynamicLayer
 
 from .precision import Precision, batch_dtype, computing_in
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,13 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int  # token ids written, an end token included: never more than max_new_tokens
+    finish_reason: str  # "stop" (an end token or a stop string) or "length" (max_new_tokens written)
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -301,8 +316,13 @@ def _decode(model, enc: dict, max_new_tokens: int, eos: set[int], pick: Callable
     return new
 
 
+def generate(model, tokenizer, prompts: list[str], sampling: Sampling, **kwargs) -> list[str]:
+    """Complete each prompt: only the new text (see `complete`)."""
+    return [c.text for c in complete(model, tokenizer, prompts, sampling, **kwargs)]
+
+
 @torch.inference_mode()
-def generate(
+def complete(
     model,
     tokenizer,
     prompts: list[str],
@@ -313,8 +333,9 @@ def generate(
     seed: int | None = None,
     groups: list | None = None,
     done: Callable[[int, str], bool] | None = None,
-) -> list[str]:
-    """Complete each prompt; batched with left padding. Returns only the new text.
+) -> list[Completion]:
+    """Complete each prompt; batched with left padding. Each completion is the
+    new text only, with the tokens it took and why it ended.
 
     `groups` (one key per prompt): prompts of a group start alike (the same
     passage before different questions), and the keys and values of their
@@ -330,8 +351,9 @@ def generate(
     reserved for the whole completion."""
     if seed is not None:
         torch.manual_seed(seed)
-    outputs: list[str] = []
+    outputs: list[Completion] = []
     device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -355,16 +377,137 @@ def generate(
                         def finished(i: int, tokens: list[int], at: int = start) -> bool:
                             text = tokenizer.decode(tokens, skip_special_tokens=True)
                             return first_stop(text, sampling.stop) >= 0 or (done is not None and done(at + i, text))
-                    new = _decode(model, enc, sampling.max_new_tokens, _eos_ids(model, tokenizer),
-                                  _picker(model, sampling), finished)
+                    new = _decode(model, enc, sampling.max_new_tokens, eos, _picker(model, sampling), finished)
                 else:
-                    out = model.generate(**enc, **generate_kwargs(tokenizer, sampling))
-                    new = out[:, enc["input_ids"].shape[1] :]
+                    out = model.generate(**enc, **generate_kwargs(tokenizer, sampling))[:, enc["input_ids"].shape[1] :]
+                    new = [_written(row, eos, tokenizer.pad_token_id) for row in out.tolist()]
                 for row in new:
-                    text = tokenizer.decode(row, skip_special_tokens=True)
-                    text, _ = _truncate_at_stop(text, sampling.stop)
-                    outputs.append(text.strip())
+                    outputs.append(_completion(tokenizer, row, sampling, eos)[0])
     finally:
         tokenizer.padding_side = old_side
     return outputs
 
+
+def _written(row: list[int], eos: set[int], pad: int | None = None) -> list[int]:
+    """The tokens a row of `model.generate` wrote: up to its end token (kept), or
+    without the `pad` it puts after a row that ended before the rest of its batch."""
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    end = len(row)
+    while end and row[end - 1] == pad:
+        end -= 1
+    return row[:end]
+
+
+def _completion(tokenizer, ids: list[int], sampling: Sampling, eos: set[int]) -> tuple[Completion, bool]:
+    """A row's completion, and whether it was cut short: neither an end token,
+    a stop string nor max_new_tokens ended it (`done`, a cancelled stream)."""
+    text, stopped = _truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
+    stopped = stopped or (bool(ids) and ids[-1] in eos)
+    full = not stopped and len(ids) >= sampling.max_new_tokens
+    return Completion(text.strip(), len(ids), "length" if full else "stop"), not stopped and not full
+
+
+class _Until(StoppingCriteria):
+    """Ends every row of a `model.generate` once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TextStream:
+    """One prompt's completion as pieces of text while `model.generate` writes
+    it, on a thread of its own holding `lock` (one generation at a time).
+
+    Iterating yields the text up to the first stop string and ends with the
+    generation; then `completion` has the tokens it wrote and why it ended. A
+    generation that failed raises its error in the reader. `cancel()` (the
+    reader is gone, the server is stopping) ends the generation at its next
+    token, or before it starts; so does a reader that leaves the loop early.
+    The reader looks every `poll_s` whether it was cancelled, so nothing waits
+    for ever on a generation that stopped writing."""
+
+    def __init__(self, model, tokenizer, prompt: str, sampling: Sampling, *, lock: threading.Lock,
+                 compute_dtype: torch.dtype = torch.float32, seed: int | None = None, poll_s: float = 0.25):
+        self.model, self.tokenizer, self.prompt, self.sampling = model, tokenizer, prompt, sampling
+        self.lock, self.compute_dtype, self.seed, self.poll_s = lock, compute_dtype, seed, poll_s
+        self.completion = Completion("", 0, "stop")  # until the generation ends
+        self._error: Exception | None = None
+        self._cancel = threading.Event()
+        self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=poll_s)
+        self._thread = threading.Thread(target=self._generate, name="text-stream", daemon=True)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        self._thread.start()
+        emitted = ""
+        try:
+            while (piece := self._next_piece()) is not None:
+                text = emitted + piece
+                cut = first_stop(text, self.sampling.stop)
+                if cut >= 0:
+                    if cut > len(emitted):
+                        yield text[len(emitted) : cut]
+                    break
+                emitted = text
+                if piece:
+                    yield piece
+        finally:
+            self._cancel.set()  # a reader gone or a stop string met; once the generation ended, nothing
+        self._thread.join()  # at most one more token: it was told to stop
+        if self._error is not None:
+            raise self._error
+
+    def _next_piece(self) -> str | None:
+        """The next piece of text; None at the end of the generation, or once cancelled."""
+        while True:
+            try:
+                return next(self._streamer)
+            except StopIteration:
+                return None
+            except queue.Empty:
+                if self._cancel.is_set():
+                    return None
+
+    def _generate(self) -> None:
+        try:
+            while not self.lock.acquire(timeout=self.poll_s):
+                if self._cancel.is_set():
+                    return
+            try:
+                if self._cancel.is_set():
+                    return
+                self._write()
+            finally:
+                self.lock.release()
+        except Exception as e:  # noqa: BLE001 - any failure, raised again in the reader
+            self._error = e
+        finally:
+            # model.generate ends the streamer when it returns; one that failed or
+            # never ran must end it too, or the reader would wait for it. A second
+            # end only queues a second stop after the first, never read.
+            self._streamer.end()
+
+    def _write(self) -> None:
+        model, tokenizer, sampling = self.model, self.tokenizer, self.sampling
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        device = next(model.parameters()).device
+        enc = {k: v.to(device) for k, v in
+               tokenizer(self.prompt, return_tensors="pt", add_special_tokens=False).items()}
+        kwargs = {**generate_kwargs(tokenizer, sampling), "streamer": self._streamer,
+                  "stopping_criteria": StoppingCriteriaList([_Until(self._cancel)])}
+        with torch.inference_mode(), computing_in(model, self.compute_dtype):
+            out = model.generate(**enc, **kwargs)
+        eos = _eos_ids(model, tokenizer)
+        ids = _written(out[0, enc["input_ids"].shape[1] :].tolist(), eos)
+        self.completion, cut_short = _completion(tokenizer, ids, sampling, eos)
+        if cut_short:
+            log.info("generation cancelled after %d of %d tokens (its reader went away)",
+                     self.completion.tokens, sampling.max_new_tokens)
