@@ -12,7 +12,9 @@ Layout (under `adapters/`, one line of versions per kind):
 Every write goes to a hidden temp directory beside its target, is fsynced,
 and is renamed into place, so a crash never leaves a half-written version:
 either the directory exists complete, or it does not exist. Leftover temp
-directories from a crash are removed when the log is opened.
+directories from a crash are removed by `repair`, which only the owner of the
+state directory calls (see lock.py): a reader must never touch a directory the
+owner is writing.
 """
 
 from __future__ import annotations
@@ -81,8 +83,13 @@ class AdapterLog:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.snapshots = root / "snapshots"
-        for leftover in list(root.glob(".tmp-*")) + list(self.snapshots.glob(".tmp-*")):
+
+    def repair(self) -> list[Path]:
+        """Remove temp directories a crash left behind; for the state directory's owner only."""
+        leftovers = list(self.root.glob(".tmp-*")) + list(self.snapshots.glob(".tmp-*"))
+        for leftover in leftovers:
             shutil.rmtree(leftover, ignore_errors=True)
+        return leftovers
 
     @staticmethod
     def name(version: int) -> str:

@@ -1,12 +1,16 @@
 """SealAgent: the one object the CLI (and later the daemon) talks to.
 
 It owns the state database, the adapter log, the active policy and the live
-model (loaded lazily: `history` needs no model).
+model (loaded lazily: `history` needs no model). Verbs that change the state
+directory (learn, rollback, restem, tasks, policy rollback) first take its
+lock (lock.py), so they refuse while another process owns it, whoever calls
+them; reading verbs never take it and never repair anything.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +21,16 @@ from .config import Config
 from .documents import SUPPORTED
 from .errors import SealError
 from .learner import DocumentReport, Learner, Progress, _noop
-from .model.live import LiveModel
+from .lock import StateLock
+from .model.live import LiveModel, discard_uncommitted
 from .model.loader import answer_dtype
 from .policy import Policy, load_active_policy
 from .policy_versions import PolicyVersions
 from .qa import Question, answer, evaluate
 from .replay import ReplayBank
 from .state import State
+
+log = logging.getLogger(__name__)
 
 # Nothing is ever fetched from a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,7 +49,9 @@ def policy_dir(cfg: Config) -> Path:
 
 
 class SealAgent:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, lock: StateLock | None = None, role: str = "Python process"):
+        """`lock`: the state directory's lock when the caller holds it already (the daemon);
+        otherwise the agent takes it itself on its first change (`role` names it in refusals)."""
         self.cfg = cfg
         # Validate the policy before anything slow or stateful happens.
         self.policy: Policy = load_active_policy(policy_dir(cfg), cfg.policy.active)
@@ -57,9 +66,29 @@ class SealAgent:
         self.policy_versions = PolicyVersions(self.state, cfg.state_path("adapters"), self.policy.name)
         self._live: LiveModel | None = None
         self._bank: ReplayBank | None = None
+        self._took_lock = lock is None
+        self.lock = lock or StateLock(cfg.state_dir, role)
+        if self.lock.held:
+            self._repair()
+
+    def own(self) -> None:
+        """Take the state directory for changes (held until `close`), then repair what a
+        crash left behind. Raises StateBusy, naming the owner, while another process has it."""
+        if not self.lock.held:
+            self.lock.acquire()
+            self._repair()
+
+    def _repair(self) -> None:
+        self.log.repair()
+        self.policy_versions.log.repair()
+        discard_uncommitted(self.state, self.log)
+        for doc_id in self.state.interrupt_documents():
+            log.info("document %d: its learning was interrupted by a stop; marked interrupted", doc_id)
 
     def close(self) -> None:
         self.state.close()
+        if self._took_lock:
+            self.lock.release()
 
     @property
     def live(self) -> LiveModel:
@@ -89,8 +118,10 @@ class SealAgent:
         return Learner(self.cfg, self.state, self.live, self.policy, bank, self.qa_policy, external=external,
                        policy_versions=self.policy_versions)
 
-    def learn(self, path: Path, progress: Progress = _noop, max_passages: int | None = None) -> DocumentReport:
-        return self.learner().learn_file(path, progress, max_passages)
+    def learn(self, path: Path, progress: Progress = _noop, max_passages: int | None = None,
+              recorded_as: str | None = None) -> DocumentReport:
+        self.own()
+        return self.learner().learn_file(path, progress, max_passages, recorded_as)
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
         live = self.live
@@ -169,6 +200,9 @@ class SealAgent:
     def run_task(self, name: str, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """Run one scheduled task now: `replay_check` (recorded as an event), `consolidate`,
         or `restem` (a policy refresh; `should_stop` lets it end its sampling early)."""
+        if name not in TASKS:
+            raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+        self.own()
         if name == "replay_check":
             result = self.replay_check(self.cfg.schedule.replay_check_sample or None)
             self.state.event("replay.check", f"version {result['version']}: replay accuracy "
@@ -181,7 +215,7 @@ class SealAgent:
             record = self.restem(should_stop=should_stop)
             keys = ("round", "decision", "reason", "policy_version", "stopped_early", "seconds")
             return {k: record[k] for k in keys}
-        raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+        raise AssertionError(name)  # pragma: no cover - every name in TASKS is handled above
 
     # -- ReSTEM ----------------------------------------------------------------
     def restem(self, *, contexts: int | None = None, samples: int | None = None, seeds: int | None = None,
@@ -190,6 +224,7 @@ class SealAgent:
         """One ReSTEM refresh of the active policy; see restem.py. Returns its record."""
         from .refresh import run_round
 
+        self.own()
         return run_round(self, contexts=contexts, samples=samples, seeds=seeds, data=list(data),
                          should_stop=should_stop, progress=progress)
 
@@ -204,6 +239,7 @@ class SealAgent:
         """Make `version` live again, rebuilt and checked against its recorded fingerprints."""
         if self.state.version(version) is None:
             raise SealError(f"no version {version} (see `seal-agent history`)")
+        self.own()
         live = self._live or LiveModel(self.cfg, self.state, self.log)
         self._live = live
         previous = self.state.live_version()
@@ -219,6 +255,11 @@ class SealAgent:
             self.state.event("rollback", f"live version {previous} -> {version}", version=version,
                              conn=c, data={"from": previous, "to": version, "verified": checks})
         return {"from": previous, "version": version, "verified": checks}
+
+    def policy_rollback(self, version: int) -> dict[str, Any]:
+        """Make policy `version` the one that writes self-edits (0 = the prompt alone)."""
+        self.own()
+        return self.policy_versions.rollback(version)
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:

@@ -86,19 +86,11 @@ def _quiet_libraries(level: int) -> None:
 def _agent(ctx: click.Context):
     from .agent import SealAgent
 
-    agent = SealAgent(_config(ctx))
+    root = ctx.find_root()
+    verb = ctx.command_path[len(root.command_path):].strip()
+    agent = SealAgent(_config(ctx), role=f"`seal-agent {verb}`")
     ctx.call_on_close(agent.close)
     return agent
-
-
-def _no_daemon(agent) -> None:
-    """Commands that change the live model refuse while a daemon owns the state directory."""
-    from .daemon import running_pid
-
-    pid = running_pid(agent.cfg.state_dir)
-    if pid is not None:
-        raise SealError(f"a seal-agent daemon (pid {pid}) owns {agent.cfg.state_dir}: drop the document into its "
-                        "inbox or POST it to /v1/documents, or stop the daemon first")
 
 
 def handle_errors(f: Callable) -> Callable:
@@ -220,7 +212,7 @@ def learn(ctx: click.Context, paths: tuple[Path, ...], max_passages: int | None,
     from .agent import expand_paths
 
     agent = _agent(ctx)
-    _no_daemon(agent)
+    agent.own()  # refused at once, not per file, while another process owns the state directory
     files = expand_paths(list(paths))
     if not files:
         raise SealError("no supported documents found in " + ", ".join(map(str, paths)))
@@ -330,7 +322,7 @@ def rollback(ctx: click.Context, version: int, as_json: bool) -> None:
     Later versions stay in the log; learning continues from VERSION.
     """
     agent = _agent(ctx)
-    _no_daemon(agent)
+    agent.own()
     result = agent.rollback(version)
     if as_json:
         emit_json(result)
@@ -380,7 +372,7 @@ def restem_cmd(ctx: click.Context, contexts: int | None, samples: int | None, se
                data: tuple[Path, ...], as_json: bool) -> None:
     """Run one ReSTEM refresh of the self-edit policy now and print its record."""
     agent = _agent(ctx)
-    _no_daemon(agent)
+    agent.own()
     progress = _RestemProgress()
     with progress.bar:
         record = agent.restem(contexts=contexts, samples=samples, seeds=seeds, data=list(data),
@@ -453,7 +445,7 @@ def policy_show(ctx: click.Context, version: int) -> None:
 @handle_errors
 def policy_rollback(ctx: click.Context, version: int, as_json: bool) -> None:
     """Make policy VERSION the one that writes self-edits (0 = the prompt alone)."""
-    result = _agent(ctx).policy_versions.rollback(version)
+    result = _agent(ctx).policy_rollback(version)
     if as_json:
         emit_json(result)
     else:
@@ -600,9 +592,9 @@ def run_daemon(ctx: click.Context, inbox: Path | None, host: str | None, port: i
 @handle_errors
 def status(ctx: click.Context, as_json: bool) -> None:
     """Live version, job queue, last decisions, replay bank, schedules (daemon running or not)."""
-    from .daemon import running_pid
     from .daemon import status as daemon_status
     from .jobs import JobQueue
+    from .lock import running_pid
 
     agent = _agent(ctx)
     s = daemon_status(agent, JobQueue(agent.state), agent.cfg, pid=running_pid(agent.cfg.state_dir))
@@ -664,8 +656,8 @@ def schedule_list(ctx: click.Context, as_json: bool) -> None:
 def schedule_run(ctx: click.Context, name: str, as_json: bool) -> None:
     """Run a task now: queued for the running daemon, or run here if none is running."""
     from .agent import TASKS
-    from .daemon import running_pid
     from .jobs import JobQueue
+    from .lock import running_pid
 
     if name not in TASKS:
         raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")

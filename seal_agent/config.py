@@ -10,6 +10,7 @@ name the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -456,7 +457,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     value = _check_type(key, value, hints[name])
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {_CHOICES[key]}, got {value!r}")
-    if key in _BOUNDS and not (value == value and _BOUNDS[key].holds(value)):  # NaN holds nothing
+    if key in _BOUNDS and (math.isnan(value) or not _BOUNDS[key].holds(value)):
         raise ConfigError(f"config key '{key}' must be {_BOUNDS[key].describe()}, got {value!r}")
     setattr(section, name, value)
 

@@ -10,13 +10,17 @@ Threads, one job each:
   - the main thread serves the API (uvicorn) until SIGTERM/SIGINT.
 One daemon per state directory (an flock'ed lock file holding the pid). A kill
 at any moment loses nothing: jobs are rows in SQLite, a version is live only
-once its transaction commits, and an interrupted job is retried at start-up.
+once its transaction commits, and an interrupted job is retried at start-up
+(documents it left `learning` are marked `interrupted`). What the inbox and the
+queue promise about files is in inbox.py; the worker keeps those promises: a
+job learns the queue's copy of the bytes checked when its file was taken, then
+moves the file only if it still holds them. One job's failure, or the queue's,
+never stops the worker; a document that keeps failing ends in rejected/.
 """
 
 from __future__ import annotations
 
 import copy
-import fcntl
 import ipaddress
 import logging
 import logging.handlers
@@ -31,69 +35,29 @@ from typing import Any
 
 from .agent import TASKS, SealAgent
 from .config import Config, ScheduleConfig, _resolve
-from .documents import file_hash
+from .documents import shown
 from .errors import ConfigError, DocumentError, SealError
-from .inbox import DONE, REJECTED, Inbox, ignored, move_to, problem
-from .jobs import ACTIVE, Job, JobQueue
+from .inbox import (
+    DONE,
+    REJECTED,
+    Inbox,
+    Refused,
+    content_hash,
+    free_names,
+    ignored,
+    move_to,
+    read_entry,
+    rename_noreplace,
+    upload_problem,
+)
+from .jobs import ACTIVE, Copies, Job, JobQueue
+from .lock import StateLock, running_pid  # noqa: F401 - running_pid: for the CLI
 from .model.loader import answer_dtype
 from .refresh import rounds
 from .replay import counts as replay_counts
 
 log = logging.getLogger("seal_agent.daemon")
 _CURRENT: Daemon | None = None  # the running daemon, for scheduler callbacks
-
-
-class DaemonRunning(SealError):
-    pass
-
-
-# -- the lock --------------------------------------------------------------
-
-class StateLock:
-    """An exclusive flock on STATE/state/daemon.lock; the file holds the owner's pid."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise DaemonRunning(f"another seal-agent daemon (pid {pid}) is running on this state directory "
-                                f"({self.path.parent.parent}); stop it first or use another --state-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def running_pid(state_dir: Path) -> int | None:
-    """The pid of the daemon holding this state directory's lock, if any."""
-    path = state_dir / "state" / "daemon.lock"
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 # -- schedules -------------------------------------------------------------
@@ -195,7 +159,28 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _storable(text: object) -> str:
+    """`text` as SQLite can hold it: a name that is not UTF-8 (undecodable bytes) escaped."""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return shown(text)
+    return text
+
+
+class _OneLine(logging.Formatter):
+    """Every message on one line, whatever names or reasons it holds (a name with a
+    newline must not forge a log line)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = shown(record.message)
+        return super().formatMessage(record)
+
+
 class Daemon:
+    retry_s = 5.0  # pause of the worker after the queue itself failed
+
     def __init__(self, cfg: Config, inbox: Path | None = None):
         if not _loopback(cfg.api.host) and not cfg.api.token:
             raise ConfigError(f"api.host = {cfg.api.host!r} is reachable from other machines: set api.token "
@@ -203,8 +188,15 @@ class Daemon:
         self.cfg = cfg
         self.schedules = schedules(cfg.schedule)  # bad specs fail before anything starts
         self.state_dir = cfg.state_dir
-        self.lock = StateLock(self.state_dir / "state" / "daemon.lock")
+        self.lock = StateLock(self.state_dir, "daemon")
         self.inbox_dir = (inbox or _resolve(self.state_dir, cfg.inbox.dir)).resolve()
+        for key in ("database", "adapters", "models", "logs"):
+            own = cfg.state_path(key).resolve()
+            if own.is_relative_to(self.inbox_dir):
+                # the inbox takes what it finds at its top level: it would reject the daemon's own folders
+                raise ConfigError(f"the inbox {shown(self.inbox_dir)} holds the daemon's own {shown(own)} "
+                                  "(paths." + key + "): give the inbox a folder of its own (inbox.dir or --inbox)")
+        self.copies = Copies(cfg.state_path("database").parent / "queue")
         self.agent: SealAgent | None = None
         self.queue: JobQueue | None = None
         self.served = None
@@ -224,11 +216,18 @@ class Daemon:
         self.lock.acquire()
         try:
             self._setup_logging()
-            self.agent = SealAgent(self.cfg)
+            self.agent = SealAgent(self.cfg, lock=self.lock)
             self.queue = JobQueue(self.agent.state, self.cfg.daemon.max_attempts)
+            for job in self.queue.give_up_interrupted():
+                log.warning("job %d: %s: %s", job.id, shown(job.name), job.error)
+                if job.kind == "document":
+                    self._give_up(job, job.error or "interrupted", job.error or "interrupted")
             recovered = self.queue.recover()
             for job_id in recovered:
                 log.info("job %d: interrupted by a stop; queued again", job_id)
+            pruned = self.copies.prune({(j.sha256, j.name) for j in self.queue.active_documents() if j.sha256})
+            if pruned:
+                log.info("removed %d queue copies no job needs (left by a stop)", pruned)
             from .server import Served
 
             live = self.agent.live
@@ -241,7 +240,8 @@ class Daemon:
             self._worker = threading.Thread(target=self._work, name="learner", daemon=True)
             self._worker.start()
             self._start_scheduler()
-            log.info("daemon started: pid %d, live version %d, inbox %s", os.getpid(), live.version, self.inbox_dir)
+            log.info("daemon started: pid %d, live version %d, inbox %s", os.getpid(), live.version,
+                     shown(self.inbox_dir))
         except BaseException:
             self.stop()
             raise
@@ -262,6 +262,7 @@ class Daemon:
             if self._worker.is_alive():
                 log.warning("job %s still learning at exit: it will be retried at the next start",
                             self.current_job)
+                self._release(self.current_job)
         _CURRENT = None
         if self.agent is not None and (self._worker is None or not self._worker.is_alive()):
             self.agent.close()
@@ -271,14 +272,14 @@ class Daemon:
         logs = self.cfg.state_path("logs")
         logs.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(logs / "daemon.log", maxBytes=5_000_000, backupCount=3)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_OneLine("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("seal_agent")
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                    for h in logging.getLogger().handlers + root.handlers):
             stream = logging.StreamHandler()
-            stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            stream.setFormatter(_OneLine("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             root.addHandler(stream)
 
     def _start_scheduler(self) -> None:
@@ -301,50 +302,86 @@ class Daemon:
         self.scheduler.resume()
 
     # -- intake ------------------------------------------------------------
-    def take(self, path: Path) -> Job | None:
-        """A complete file in the inbox: reject it, skip it, or queue it."""
+    def take(self, path: Path, source: str = "inbox") -> Job | None:
+        """A complete entry of the inbox: rejected (moved, with a reason), recognised
+        (already queued, or learned), or queued with the queue's copy of its bytes.
+        Any failure ends with this entry rejected: one bad file holds back no other."""
         with self._intake:
-            if ignored(path, self.inbox_dir) or not (path.exists() or path.is_symlink()):
-                return None
-            reason = problem(path, self.inbox_dir, self.cfg.inbox.max_bytes)
-            if reason is not None:
-                dest = move_to(path, self.inbox_dir, REJECTED, reason)
-                log.warning("rejected %s: %s", path.name, reason)
-                job_id = self.queue.enqueue("document", path.name, "inbox", str(dest))
-                self.queue.finish(job_id, "rejected", error=reason)
-                return self.queue.get(job_id)
-            sha = file_hash(path)
-            previous = self.queue.by_sha(sha)
-            if previous is not None and previous.state in ACTIVE:
-                return previous  # already queued (e.g. submitted through the API)
-            if previous is not None and previous.state == "done":
-                if self.cfg.inbox.after == "move":
-                    move_to(path, self.inbox_dir, DONE)
-                return previous
-            job_id = self.queue.enqueue("document", path.name, "inbox", str(path), sha)
-            log.info("job %d: queued %s", job_id, path.name)
-            self._wake.set()
-            return self.queue.get(job_id)
+            return self._take(path, source)
+
+    def _take(self, path: Path, source: str) -> Job | None:
+        if ignored(path, self.inbox_dir) or not os.path.lexists(path):
+            return None
+        try:
+            data = read_entry(path, self.inbox_dir, self.cfg.inbox.max_bytes)
+        except Refused as e:
+            return self._reject(path, str(e), source)
+        except Exception as e:  # noqa: BLE001 - whatever it is, it is this entry's alone
+            return self._reject(path, f"could not be read ({type(e).__name__}: {e})", source)
+        try:
+            return self._enqueue(path, data, source)
+        except Exception as e:  # the database or the disk: still this entry's outcome alone
+            log.exception("%s could not be queued", shown(path.name))
+            return self._reject(path, f"could not be queued ({type(e).__name__}: {e}); drop it into the "
+                                "inbox again to retry", source)
+
+    def _enqueue(self, path: Path, data: bytes, source: str) -> Job:
+        sha = content_hash(data)
+        mine = self.queue.by_sha(sha, str(path))
+        if mine is not None and mine.state in ACTIVE:
+            return mine  # this very file, taken already (the API's upload, then the watcher)
+        if mine is not None and mine.state == "done":  # learned: kept in place, or a stop came before its move
+            if self.cfg.inbox.after == "move":
+                self._settle(mine, DONE)
+            return mine
+        # Queued only once its copy is on disk: a crash in between leaves a copy that the
+        # next start prunes, and the file, still in the inbox, is taken again.
+        self.copies.put(sha, path.name, data)
+        job_id = self.queue.enqueue("document", path.name, source, str(path), sha)
+        log.info("job %d: queued %s (%s)", job_id, shown(path.name), source)
+        self._wake.set()
+        return self.queue.get(job_id)
+
+    def _reject(self, path: Path, reason: str, source: str) -> Job:
+        dest = move_to(path, self.inbox_dir, REJECTED, reason)
+        log.warning("rejected %s: %s", shown(path.name), shown(reason))
+        job_id = self.queue.record("document", _storable(path.name), source, "rejected", path=_storable(path),
+                                   error=shown(reason), result={"moved_to": _storable(dest)})
+        return self.queue.get(job_id)
 
     def submit(self, filename: str, data: bytes) -> Job:
-        """A document posted to the API: written into the inbox atomically, then taken."""
+        """A document posted to the API: its name checked before anything is written,
+        then written into the inbox atomically under a name no file has, and taken."""
         name = filename.strip()
-        if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
-            raise SealError(f"bad file name {filename!r}: a plain name such as notes.md, no folders")
+        reason = upload_problem(name)
+        if reason is not None:
+            raise SealError(reason)
+        if len(data) > self.cfg.inbox.max_bytes:
+            raise SealError(f"{len(data):,} bytes is over the limit of {self.cfg.inbox.max_bytes:,} "
+                            "(inbox.max_bytes)")
         self.inbox_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.inbox_dir, prefix=".upload-", suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        target = self.inbox_dir / name
-        i = 1
-        while target.exists():
-            target = self.inbox_dir / f"{Path(name).stem}.{i}{Path(name).suffix}"
-            i += 1
-        os.replace(tmp, target)
-        job = self.take(target)
+        with self._intake:  # the watcher sees the new file too: whoever takes it, it is the API's
+            job = self._take(self._write_upload(name, data), "api")
         if job is None:
-            raise SealError(f"{name}: not taken (hidden or temporary file name)")
+            raise SealError(f"{name!r}: not taken (it was removed from the inbox at once)")
         return job
+
+    def _write_upload(self, name: str, data: bytes) -> Path:
+        fd, tmp = tempfile.mkstemp(dir=self.inbox_dir, prefix=".upload-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            for candidate in free_names(name, room=0):
+                target = self.inbox_dir / candidate
+                try:
+                    rename_noreplace(Path(tmp), target)
+                    return target
+                except FileExistsError:
+                    continue
+            raise AssertionError("unreachable: free_names never ends")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def queue_task(self, name: str, source: str) -> int:
         job_id = self.queue.enqueue("task", name, source)
@@ -352,27 +389,100 @@ class Daemon:
         self._wake.set()
         return job_id
 
+    # -- files of jobs ---------------------------------------------------------
+    def _content(self, path: Path) -> bytes | None:
+        """What the inbox entry `path` holds now, read as taking it would; None if nothing learnable."""
+        if path.parent != self.inbox_dir:
+            return None
+        try:
+            return read_entry(path, self.inbox_dir, self.cfg.inbox.max_bytes)
+        except (Refused, OSError):
+            return None
+
+    def _settle(self, job: Job, folder: str, reason: str | None = None) -> str | None:
+        """Move the job's inbox file into `folder` if it still holds the content the job
+        had: one edited since is the job of its new content, and is left for it. Never
+        raises (the job's outcome is recorded whether or not its file could move)."""
+        path = Path(job.path or "")
+        data = self._content(path) if job.sha256 else None
+        if data is None or content_hash(data) != job.sha256:
+            if job.path and os.path.lexists(path):
+                log.info("job %d: %s changed since it was queued; left in the inbox for the job of its new content",
+                         job.id, shown(path.name))
+            return None
+        try:
+            return _storable(move_to(path, self.inbox_dir, folder, reason))
+        except OSError as e:
+            log.warning("job %d: %s could not be moved to %s/: %s", job.id, shown(path.name), folder, shown(e))
+            return None
+
+    def _copy_of(self, job: Job) -> Path | None:
+        """The queue's copy of the job's bytes. A job queued by a daemon that kept no
+        copies (or whose copy was lost) takes its inbox file now if that still holds the
+        content it was queued with; otherwise the job fails, without moving anything
+        (the file's present content, if any, is a job of its own)."""
+        if job.sha256 and job.path:
+            kept = self.copies.path(job.sha256, job.name)
+            if kept.is_file():
+                return kept
+            data = self._content(Path(job.path))
+            if data is not None and content_hash(data) == job.sha256:
+                return self.copies.put(job.sha256, job.name, data)
+        error = "its file changed or disappeared before it was learned (a new content is a job of its own)"
+        self.queue.finish(job.id, "failed", error=error)
+        log.warning("job %d: %s: %s", job.id, shown(job.name), error)
+        return None
+
+    def _give_up(self, job: Job, error: str, why: str) -> None:
+        """A document whose attempts ran out goes to rejected/ with `why`, so nothing sits
+        in the inbox unexplained, to be tried again at every start."""
+        moved = self._settle(job, REJECTED, f"{why}; drop it into the inbox again to retry")
+        if moved is not None:
+            self.queue.finish(job.id, "failed", error=error, result={"moved_to": moved})
+        self.copies.drop(job.sha256, job.name)
+
+    def _release(self, job_id: int | None) -> None:
+        if job_id is None or self.queue is None:
+            return
+        try:
+            self.queue.release(job_id)
+        except Exception:  # at exit; the next start recovers it anyway
+            log.exception("job %d: could not be queued again", job_id)
+
     # -- the worker ----------------------------------------------------------
     def _work(self) -> None:
         last_wakeup = time.monotonic()
         while not self._stop.is_set():
-            job = self.queue.claim()
-            if job is None:
+            try:
+                if self.work_one():
+                    continue
                 self._wake.wait(0.5)
                 self._wake.clear()
                 if self.scheduler is not None and time.monotonic() - last_wakeup > 10:
                     # see schedules paused or resumed from the command line (they edit the store)
                     self.scheduler.wakeup()
                     last_wakeup = time.monotonic()
-                continue
-            self.current_job = job.id
-            try:
-                self._run_job(job)
-            except Exception as e:  # any failure of one job: retried, then failed
-                state = self.queue.retry_or_fail(job, f"{type(e).__name__}: {e}")
-                log.exception("job %d: failed (%s)", job.id, "will retry" if state == "queued" else "giving up")
-            finally:
-                self.current_job = None
+            except Exception:  # the queue itself failed (the database?): go on after a pause
+                log.exception("the learner's queue failed; trying again in %g s", self.retry_s)
+                self._stop.wait(self.retry_s)
+
+    def work_one(self) -> bool:
+        """Claim one queued job and run it; False when none is queued."""
+        job = self.queue.claim()
+        if job is None:
+            return False
+        self.current_job = job.id
+        try:
+            self._run_job(job)
+        except Exception as e:  # any failure of one job: retried, then failed
+            error = shown(f"{type(e).__name__}: {e}")
+            state = self.queue.retry_or_fail(job, error)
+            log.exception("job %d: failed (%s)", job.id, "will retry" if state == "queued" else "giving up")
+            if state == "failed" and job.kind == "document":
+                self._give_up(job, error, f"failed {job.attempts} times, the last: {error}")
+        finally:
+            self.current_job = None
+        return True
 
     def _run_job(self, job: Job) -> None:
         if job.kind == "task":
@@ -383,27 +493,49 @@ class Daemon:
             self.queue.finish(job.id, "done", result=result)
             log.info("job %d: task %s done", job.id, job.name)
             return
-        path = Path(job.path or "")
-        if not path.exists():
-            self.queue.finish(job.id, "failed", error=f"{path} disappeared before it was learned")
+        self._learn(job)
+
+    def _learn(self, job: Job) -> None:
+        copy_path = self._copy_of(job)
+        if copy_path is None:
             return
-        log.info("job %d: learning %s", job.id, path.name)
+        first = self.queue.learned(job.sha256)
+        if first is not None:  # the same bytes as a job learned already (two files dropped together, say)
+            result: dict[str, Any] = {"status": "duplicate", "duplicate_of": first.id}
+            if self.cfg.inbox.after == "move":
+                result["moved_to"] = self._settle(job, DONE)
+            self.queue.finish(job.id, "done", result=result, document_id=first.document_id)
+            self.copies.drop(job.sha256, job.name)
+            log.info("job %d: %s holds what job %d learned; not learned again", job.id, shown(job.name), first.id)
+            return
+        log.info("job %d: learning %s", job.id, shown(job.name))
         try:
-            report = self.agent.learn(path)
-        except (DocumentError, UnicodeDecodeError) as e:
-            dest = move_to(path, self.inbox_dir, REJECTED, str(e))
-            self.queue.finish(job.id, "rejected", error=str(e), result={"moved_to": str(dest)})
-            log.warning("job %d: rejected %s: %s", job.id, path.name, e)
+            report = self.agent.learn(copy_path, recorded_as=job.path)
+        except DocumentError as e:  # every failure to parse the content is one (documents.py)
+            moved = self._settle(job, REJECTED, str(e))
+            self.queue.finish(job.id, "rejected", error=shown(e), result={"moved_to": moved})
+            self.copies.drop(job.sha256, job.name)
+            log.warning("job %d: rejected %s: %s", job.id, shown(job.name), shown(e))
             return
         summary = report.as_dict()
         summary.pop("passage_reports", None)
-        if self.cfg.inbox.after == "move" and path.parent == self.inbox_dir:
-            summary["moved_to"] = str(move_to(path, self.inbox_dir, DONE))
+        if self.cfg.inbox.after == "move":
+            summary["moved_to"] = self._settle(job, DONE)
         self.queue.finish(job.id, "done", result=summary, document_id=report.document_id)
+        self.copies.drop(job.sha256, job.name)
         live = self.agent.live
-        if live.version != self.served.current()[1]:
-            self.served.swap(copy.deepcopy(live.model), live.version)
-        log.info("job %d: %s: %s; live version %d", job.id, path.name, summary["status"], live.version)
+        log.info("job %d: %s: %s; live version %d", job.id, shown(job.name), summary["status"], live.version)
+        self._publish()
+
+    def _publish(self) -> None:
+        """The new live weights to the API. If that fails the API stays on the version it
+        has until the next job; the job is learned all the same and not retried."""
+        live = self.agent.live
+        try:
+            if live.version != self.served.current()[1]:
+                self.served.swap(copy.deepcopy(live.model), live.version)
+        except Exception:  # the job is learned whatever happens here
+            log.exception("the API could not switch to version %d; it serves the previous one", live.version)
 
     # -- status --------------------------------------------------------------
     def status(self) -> dict[str, Any]:

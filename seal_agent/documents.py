@@ -6,6 +6,12 @@ and (for SQuAD-style files) its questions. Long text is split into passages
 that fit the model: at paragraph boundaries first, then sentences, then tokens,
 counting tokens with the model's tokenizer (passed in as a function, so this
 module needs no model).
+
+A file whose content cannot be parsed raises `DocumentError` with the reason,
+whatever the parser raised (malformed or deeply nested JSON, a number too long
+to read, a broken PDF, text with lone surrogates): bad content is the user's to
+fix and never worth retrying. Only `OSError` (the file system) and
+`MemoryError` pass through as they are.
 """
 
 from __future__ import annotations
@@ -58,6 +64,18 @@ class Document:
         return [q for p in self.passages for q in p.questions]
 
 
+def shown(text: object) -> str:
+    """`text` safe to put in one line of a log or a message: characters that are
+    not printable (newlines, escape sequences, lone surrogates from undecodable
+    file names) are written as in a Python string literal (`\\n`, `\\x1b`,
+    `\\udcff`); everything else, non-ASCII letters included, is left as it is.
+    Applying it twice changes nothing."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def normalize_ws(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -85,11 +103,11 @@ def _title_from_filename(path: Path) -> str:
 def _decode(path: Path) -> str:
     data = path.read_bytes()
     if b"\x00" in data[:8192]:
-        raise DocumentError(f"{path.name}: looks like a binary file, not text")
+        raise DocumentError(f"{shown(path.name)}: looks like a binary file, not text")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DocumentError(f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DocumentError(f"{shown(path.name)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 _MD_HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -144,32 +162,43 @@ def _read_pdf(path: Path) -> tuple[str, str]:
             try:
                 reader.decrypt("")
             except Exception:  # noqa: BLE001
-                raise DocumentError(f"{path.name}: the PDF is encrypted") from None
+                raise DocumentError(f"{shown(path.name)}: the PDF is encrypted") from None
         pages = [page.extract_text() or "" for page in reader.pages]
         meta_title = (reader.metadata.title if reader.metadata else None) or ""
     except DocumentError:
         raise
     except (PdfReadError, ValueError, KeyError, OSError) as e:
-        raise DocumentError(f"{path.name}: not a readable PDF ({e})") from None
+        raise DocumentError(f"{shown(path.name)}: not a readable PDF ({shown(e)})") from None
     return meta_title.strip() or _title_from_filename(path), "\n\n".join(pages)
+
+
+_MAX_INT_DIGITS = 4300  # Python's own limit (sys.get_int_max_str_digits) on reading an int
+
+
+def _json_int(digits: str) -> int:
+    # Past the limit int() raises with advice meant for programmers (sys.set_int_max_str_digits).
+    if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"a number of {len(digits):,} digits (at most {_MAX_INT_DIGITS:,} can be read)")
+    return int(digits)
+
+
+def _json(text: str, where: str) -> object:
+    try:
+        return json.loads(text, parse_int=_json_int)
+    except json.JSONDecodeError as e:
+        raise DocumentError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise DocumentError(f"{where} is nested too deeply to read (thousands of levels of [ or {{)") from None
+    except ValueError as e:
+        raise DocumentError(f"{where} is not readable JSON: {shown(e)}") from None
 
 
 def _qa_items(path: Path) -> list[dict]:
     text = _decode(path)
     if path.suffix.lower() == ".jsonl":
-        items = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DocumentError(f"{path.name}: line {i} is not valid JSON ({e.msg})") from None
-        return items
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DocumentError(f"{path.name}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return [_json(line, f"{shown(path.name)}: line {i}")
+                for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    data = _json(text, shown(path.name))
     if isinstance(data, dict) and isinstance(data.get("data"), list) and "context" not in data:
         data = data["data"]
     return data if isinstance(data, list) else [data]
@@ -191,7 +220,7 @@ def _answer_of(q: dict, where: str) -> str:
 def _read_squad(path: Path) -> tuple[str, list[Passage]]:
     passages = []
     for i, item in enumerate(_qa_items(path)):
-        where = f"{path.name}: item {i}"
+        where = f"{shown(path.name)}: item {i}"
         if not isinstance(item, dict):
             raise DocumentError(f"{where} must be an object with 'title', 'context' and 'questions'")
         context = item.get("context")
@@ -217,7 +246,7 @@ def _read_squad(path: Path) -> tuple[str, list[Passage]]:
         passages.append(Passage(title=title.strip() or _title_from_filename(path), text=context.strip(),
                                 questions=qas, external_self_edits=external))
     if not passages:
-        raise DocumentError(f"{path.name}: no passages (expected {{title, context, questions}} objects)")
+        raise DocumentError(f"{shown(path.name)}: no passages (expected {{title, context, questions}} objects)")
     return passages[0].title if len({p.title for p in passages}) == 1 else _title_from_filename(path), passages
 
 
@@ -225,17 +254,28 @@ def read_document(path: Path, count_tokens: CountTokens, max_tokens: int, min_to
     """Read one file into a Document. Raises DocumentError with a readable reason."""
     path = Path(path)
     if not path.exists():
-        raise DocumentError(f"{path}: no such file")
+        raise DocumentError(f"{shown(path)}: no such file")
     if path.is_dir():
-        raise DocumentError(f"{path}: is a directory")
+        raise DocumentError(f"{shown(path)}: is a directory")
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED:
         raise DocumentError(
-            f"{path.name}: unsupported file type '{suffix or '(none)'}' "
+            f"{shown(path.name)}: unsupported file type '{shown(suffix or '(none)')}' "
             f"(supported: {', '.join(sorted(SUPPORTED))})"
         )
     if path.stat().st_size == 0:
-        raise DocumentError(f"{path.name}: the file is empty")
+        raise DocumentError(f"{shown(path.name)}: the file is empty")
+    try:
+        doc = _parse(path, suffix, count_tokens, max_tokens, min_tokens)
+    except (DocumentError, OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure of a parser is about this file's content
+        raise DocumentError(f"{shown(path.name)}: cannot be read ({type(e).__name__}: {shown(e)})") from None
+    _check_text(doc)
+    return doc
+
+
+def _parse(path: Path, suffix: str, count_tokens: CountTokens, max_tokens: int, min_tokens: int) -> Document:
     if suffix in QA_TYPES:
         title, passages = _read_squad(path)
         return Document(path=path, title=title, kind="squad", passages=passages)
@@ -250,9 +290,23 @@ def read_document(path: Path, count_tokens: CountTokens, max_tokens: int, min_to
         title = _title_from_filename(path)
     chunks = split_text(text, count_tokens, max_tokens, min_tokens)
     if not chunks:
-        raise DocumentError(f"{path.name}: contains no text")
+        raise DocumentError(f"{shown(path.name)}: contains no text")
     kind = {".markdown": "md", ".htm": "html"}.get(suffix, suffix.lstrip("."))
     return Document(path=path, title=title, kind=kind, passages=[Passage(title, c) for c in chunks])
+
+
+def _check_text(doc: Document) -> None:
+    """Text that cannot be stored: a lone surrogate (JSON's "\\ud800", a PDF's broken
+    text) is valid in a Python string but not in UTF-8, so SQLite would refuse it
+    mid-learning."""
+    texts = [doc.title] + [t for p in doc.passages for t in (p.title, p.text)]
+    texts += [t for p in doc.passages for q in p.questions for t in (q.question, q.answer)]
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DocumentError(f"{shown(doc.path.name)}: holds text that is not valid Unicode "
+                                f"({shown(t[e.start:e.end])}, a lone surrogate)") from None
 
 
 # -- splitting -----------------------------------------------------------

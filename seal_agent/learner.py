@@ -208,17 +208,21 @@ class Learner:
             self.cfg.split.max_tokens, self.cfg.split.min_tokens,
         )
 
-    def learn_file(self, path: Path, progress: Progress = _noop, max_passages: int | None = None) -> DocumentReport:
+    def learn_file(self, path: Path, progress: Progress = _noop, max_passages: int | None = None,
+                   recorded_as: str | None = None) -> DocumentReport:
+        """`recorded_as`: the path the document is known by when `path` is a copy of it
+        (the daemon learns its queue's copy of an inbox file); default: `path` itself."""
         t0 = time.perf_counter()
         doc = self.read(path)
         if max_passages is not None:
             doc.passages = doc.passages[:max_passages]
         self.live.ensure_loaded()
-        doc_id = self.state.add_document(str(Path(path).resolve()), file_hash(Path(path)), doc.title, doc.kind)
+        recorded = recorded_as or str(Path(path).resolve())
+        doc_id = self.state.add_document(recorded, file_hash(Path(path)), doc.title, doc.kind)
         for i, p in enumerate(doc.passages):
             self.state.add_passage(doc_id, i, p.hash, p.title, p.text, len(p.questions))
-        report = DocumentReport(str(path), doc.title, doc.kind, doc_id, self.live.version)
-        progress("document", {"path": str(path), "title": doc.title, "passages": len(doc.passages)})
+        report = DocumentReport(recorded_as or str(path), doc.title, doc.kind, doc_id, self.live.version)
+        progress("document", {"path": report.document, "title": doc.title, "passages": len(doc.passages)})
         status = "interrupted"  # unless the loop below completes
         drafts: dict[int, Draft] = {}
         try:

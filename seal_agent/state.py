@@ -284,6 +284,16 @@ class State:
             (status, now(), json.dumps(info), doc_id), None,
         )
 
+    def interrupt_documents(self) -> list[int]:
+        """Documents left `learning` by a process that died mid-document (kill -9, power
+        loss) become `interrupted`, as the learner marks one whose learning it stops
+        itself. Only for the process that owns the state directory (the daemon, at start)."""
+        with self.transaction() as c:
+            ids = [r["id"] for r in c.execute("SELECT id FROM documents WHERE status = 'learning'").fetchall()]
+            c.execute("UPDATE documents SET status = 'interrupted', finished_at = ? WHERE status = 'learning'",
+                      (now(),))
+        return ids
+
     def document(self, doc_id: int) -> sqlite3.Row | None:
         rows = self.query("SELECT * FROM documents WHERE id = ?", (doc_id,))
         return rows[0] if rows else None

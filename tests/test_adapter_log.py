@@ -24,10 +24,14 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
         atomic_dir(target, lambda d: None)
 
 
-def test_leftover_temp_dirs_are_removed_on_open(tmp_path):
-    (tmp_path / "knowledge" / ".tmp-v0002-abcd").mkdir(parents=True)
+def test_leftover_temp_dirs_are_removed_by_repair_only(tmp_path):
+    leftovers = [tmp_path / "knowledge" / ".tmp-v0002-abcd", tmp_path / "knowledge" / "snapshots" / ".tmp-v0010-ef"]
+    for d in leftovers:
+        d.mkdir(parents=True)
     log = AdapterLog(tmp_path / "knowledge")
-    assert list(log.root.glob(".tmp-*")) == [] and log.versions() == []
+    assert all(d.is_dir() for d in leftovers) and log.versions() == []  # opening reads, never cleans
+    assert sorted(log.repair()) == sorted(leftovers)
+    assert not any(d.exists() for d in leftovers) and log.versions() == []
 
 
 def test_versions_are_plain_peft_adapters(tmp_path, tiny_model_dir, tiny_cfg):

@@ -67,15 +67,6 @@ class LiveModel:
         self.version: int | None = None
         if state.live_version() is None:
             self._init_base()
-        self._discard_uncommitted()
-
-    def _discard_uncommitted(self) -> None:
-        """An adapter written to disk whose version the database never recorded
-        (a crash between the two) was never live: move it aside."""
-        for v in self.log.versions():
-            if self.state.version(v) is None:
-                where = self.log.quarantine(v, "written but never committed to the database (interrupted update)")
-                self.state.event("discard", f"uncommitted adapter v{v:04d} moved to {where}", version=v)
 
     def _init_base(self) -> None:
         """First use of a state directory: version 0 is the base model."""
@@ -159,6 +150,20 @@ class LiveModel:
         self.log.prune_snapshots(self.cfg.adapter_log.keep_snapshots, protect={self.version})
         self.state.event("snapshot", f"consolidated snapshot at version {self.version}", version=self.version)
         return self.version
+
+
+def discard_uncommitted(state: State, log_: AdapterLog) -> list[int]:
+    """An adapter written to disk whose version the database never recorded
+    (a crash between the two) was never live: move it aside. Only the owner of
+    the state directory may call this: between its rename and its commit, a
+    version about to go live looks exactly like one that never will."""
+    discarded = []
+    for v in log_.versions():
+        if state.version(v) is None:
+            where = log_.quarantine(v, "written but never committed to the database (interrupted update)")
+            state.event("discard", f"uncommitted adapter v{v:04d} moved to {where}", version=v)
+            discarded.append(v)
+    return discarded
 
 
 def merge_adapter(model, adapter_dir: Path):
