@@ -1,3 +1,20 @@
-"""seal-agent: SEAL (Self-Adapting Language Models) as a long-running continual-learning service."""
+"""seal-agent: SEAL (Self-Adapting Language Models) as a long-running continual-learning service.
+
+The package is layered; each layer imports only the layers before it
+(tests/test_layers.py reads every import and fails on one that points up, or
+on a cycle):
+
+    errors, config       what every layer may use: user-facing errors, typed config
+    documents, model/    files -> passages; transformers/peft mechanics
+    policy               policy files -> prompts and training examples
+    qa/                  asking questions, grading answers, writing questions
+    memory/              what is kept: the state database, adapters, versions, the replay bank
+    learning/            self-edits and the learner (a document -> a committed version)
+    restem/              the outer loop that improves the self-edit policy
+    agent                the composition root: builds the pieces from a Config
+    service/             the daemon: queue, inbox, schedules, serving, the HTTP API
+    evaluation/          the ladder, the continual run, the benchmark
+    cli/                 the command line: parses, calls the library, renders
+"""
 
 __version__ = "0.1.0"

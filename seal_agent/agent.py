@@ -16,19 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .adapter_log import AdapterLog
 from .config import Config
 from .documents import SUPPORTED
 from .errors import SealError
-from .learner import DocumentReport, Learner, Progress, _noop
-from .lock import StateLock
-from .model.live import LiveModel, discard_uncommitted
+from .learning.learner import DocumentReport, Learner, Progress, _noop
+from .memory.adapter_log import AdapterLog
+from .memory.live import LiveModel, discard_uncommitted
+from .memory.lock import StateLock
+from .memory.policy_versions import PolicyVersions
+from .memory.replay import ReplayBank
+from .memory.state import State
 from .model.loader import answer_dtype
 from .policy import Policy, load_active_policy
-from .policy_versions import PolicyVersions
-from .qa import Question, answer, evaluate
-from .replay import ReplayBank
-from .state import State
+from .qa.answering import Question, answer, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class SealAgent:
     def bank(self) -> ReplayBank:
         """The replay QA bank (loads the embedding model on first use)."""
         if self._bank is None:
-            from .embedding import load_embedder
+            from .memory.embedding import load_embedder
 
             self._bank = ReplayBank(self.state, load_embedder(self.cfg), self.cfg.state_path("replay_index"))
         return self._bank
@@ -222,7 +222,7 @@ class SealAgent:
                data: list[Path] = (), should_stop: Callable[[], bool] = lambda: False,
                progress: Progress = _noop) -> dict[str, Any]:
         """One ReSTEM refresh of the active policy; see restem.py. Returns its record."""
-        from .refresh import run_round
+        from .restem.refresh import run_round
 
         self.own()
         return run_round(self, contexts=contexts, samples=samples, seeds=seeds, data=list(data),

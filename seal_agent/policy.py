@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PolicyError
-from .inner_loop import Example
 from .model.generation import Sampling, has_chat_template, render_prompt
+from .model.inner_loop import Example
 
 PARSE_MODES = ("lines", "segments", "qa")
 _LIST_ITEM = re.compile(r"^\s*(?:\d+[.)]|[-*•]|\(\w\))\s+")

@@ -2,9 +2,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from seal_agent.adapter_log import AdapterLog, atomic_dir
 from seal_agent.config import LoraConfig
-from seal_agent.inner_loop import attach_lora
+from seal_agent.memory.adapter_log import AdapterLog, atomic_dir
+from seal_agent.model.inner_loop import attach_lora
 from seal_agent.model.loader import load_model
 
 

@@ -29,7 +29,7 @@ from test_daemon import Daemon, free_port
 from seal_agent.errors import SealError
 from seal_agent.model.generation import Sampling, TextStream
 from seal_agent.model.loader import load_model, load_tokenizer
-from seal_agent.server import MAX_CHOICES, Served, build_app
+from seal_agent.service.api.app import MAX_CHOICES, Served, build_app
 
 DAEMON_CONFIG = """
 [inbox]

@@ -3,7 +3,7 @@
 import dataclasses
 
 from seal_agent.agent import policy_dir
-from seal_agent.bench import bench_examples, gemm_gflops, replay_search, run_bench, summary
+from seal_agent.evaluation.bench import bench_examples, gemm_gflops, replay_search, run_bench, summary
 from seal_agent.policy import load_active_policy
 
 

@@ -9,7 +9,7 @@ from conftest import SQUAD_DEV
 from seal_agent.cli import main
 from seal_agent.documents import QA, Passage
 from seal_agent.errors import SealError
-from seal_agent.evaluation import ConditionResult, parse_conditions, wilson_interval
+from seal_agent.evaluation.ladder import ConditionResult, parse_conditions, wilson_interval
 
 
 def test_wilson_interval():
@@ -114,7 +114,7 @@ def test_in_context_prompt_carries_the_passage(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from seal_agent.config import QAConfig
-    from seal_agent.qa import Question, question_prompt
+    from seal_agent.qa.answering import Question, question_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     q = Question("Who led them?", "Rollo", "Normans", "Rollo led the Norse raiders.")

@@ -189,8 +189,8 @@ def test_answers_until_correct_keep_every_grade(tiny, tiny_cfg):
     settled; the grades are those of whole answers, a wrong answer is whole."""
     import dataclasses
 
-    from seal_agent.grading import normalize_answer
-    from seal_agent.qa import Question, evaluate
+    from seal_agent.qa.answering import Question, evaluate
+    from seal_agent.qa.grading import normalize_answer
 
     model, tok = tiny
     questions = [Question(q, "-", "The Normans") for q in ("Who led them?", "When did they settle?", "Who lost?")]

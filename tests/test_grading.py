@@ -6,7 +6,7 @@ import pytest
 
 from seal_agent.config import JudgeConfig, QAConfig
 from seal_agent.errors import SealError
-from seal_agent.grading import Judge, contains, exact_match, grade, normalize_answer, parse_yes_no, settled, token_f1
+from seal_agent.qa.grading import Judge, contains, exact_match, grade, normalize_answer, parse_yes_no, settled, token_f1
 
 
 def test_normalize_like_squad():

@@ -24,12 +24,14 @@ from conftest import write_config
 from test_daemon import Daemon as DaemonProcess
 from test_daemon import free_port, jobs
 
-from seal_agent import inbox as inbox_mod
 from seal_agent.config import load_config
-from seal_agent.daemon import Daemon
 from seal_agent.documents import read_document, shown
 from seal_agent.errors import DocumentError, SealError
-from seal_agent.inbox import (
+from seal_agent.learning.learner import DocumentReport, PassageReport
+from seal_agent.memory.state import State
+from seal_agent.service import inbox as inbox_mod
+from seal_agent.service.daemon import Daemon
+from seal_agent.service.inbox import (
     DONE,
     REASON,
     REJECTED,
@@ -40,9 +42,7 @@ from seal_agent.inbox import (
     rename_noreplace,
     upload_problem,
 )
-from seal_agent.jobs import JobQueue
-from seal_agent.learner import DocumentReport, PassageReport
-from seal_agent.state import State
+from seal_agent.service.queue import JobQueue
 
 # -- a daemon without a model ------------------------------------------------
 
@@ -187,7 +187,7 @@ def test_shown_escapes_what_is_not_printable_and_nothing_else():
 
 
 def test_the_daemon_log_format_keeps_every_message_on_one_line():
-    from seal_agent.daemon import _OneLine
+    from seal_agent.service.daemon import _OneLine
 
     record = logging.LogRecord("seal_agent.x", logging.INFO, __file__, 1, "took %s", ("a\nFORGED",), None)
     assert _OneLine("%(message)s").format(record) == "took a\\nFORGED"
@@ -273,7 +273,7 @@ def test_any_failure_taking_one_entry_rejects_it_and_the_poll_goes_on(daemon, mo
             raise RuntimeError("boom")
         return real(path, *args)
 
-    monkeypatch.setattr("seal_agent.daemon.read_entry", broken_for_a)
+    monkeypatch.setattr("seal_agent.service.daemon.read_entry", broken_for_a)
     watcher = Inbox(inbox, daemon.cfg.inbox, daemon.take)
     watcher.cfg.stable_s = 0
     watcher.scan()
@@ -459,7 +459,7 @@ def test_an_upload_is_recorded_as_from_the_api_and_cleans_up_after_a_failure(dae
     def fail(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("seal_agent.daemon.rename_noreplace", fail)
+    monkeypatch.setattr("seal_agent.service.daemon.rename_noreplace", fail)
     with pytest.raises(OSError):
         daemon.submit("other.md", b"text")
     assert entries(daemon.inbox_dir) == {"notes.md"}  # no .upload-*.part left

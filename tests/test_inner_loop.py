@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from seal_agent import inner_loop
 from seal_agent.config import LoraConfig, TrainConfig
 from seal_agent.errors import TrainingDiverged
-from seal_agent.inner_loop import Example, Merged, attach_lora, repeated_blocks, tokenize, train
+from seal_agent.model import inner_loop
+from seal_agent.model.inner_loop import Example, Merged, attach_lora, repeated_blocks, tokenize, train
 from seal_agent.model.loader import load_model, load_tokenizer
 
 EXAMPLES = [
@@ -119,7 +119,7 @@ def test_batches_pad_without_learning_padding(tiny):
 
 
 def test_packing_rows_reset_positions_and_mask_boundaries(tiny):
-    from seal_agent.inner_loop import _rows
+    from seal_agent.model.inner_loop import _rows
 
     _, tok = tiny
     data = tokenize(tok, EXAMPLES, 2048, "all")

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from seal_agent.inbox import DONE, REJECTED, ignored, move_to, problem
-from seal_agent.jobs import JobQueue
-from seal_agent.state import State
+from seal_agent.memory.state import State
+from seal_agent.service.inbox import DONE, REJECTED, ignored, move_to, problem
+from seal_agent.service.queue import JobQueue
 
 
 def test_queue_claims_in_order_recovers_interrupted_jobs_and_retries_with_a_limit(tmp_path):

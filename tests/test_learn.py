@@ -11,7 +11,7 @@ from conftest import SQUAD_DEV
 from seal_agent.agent import SealAgent
 from seal_agent.config import load_config
 from seal_agent.errors import SealError
-from seal_agent.model.live import probe_logits, weights_fingerprint
+from seal_agent.memory.live import probe_logits, weights_fingerprint
 
 NORMANS = "The Normans were descended from Norse raiders led by Rollo.\n\nThey settled in Normandy in the 10th century."
 ENGLAND = "In 1066 William the Conqueror led the Normans to victory at the Battle of Hastings."

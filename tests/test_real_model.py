@@ -14,7 +14,7 @@ from conftest import ROOT, SQUAD_DEV
 from seal_agent.agent import SealAgent
 from seal_agent.cli import main
 from seal_agent.config import load_config
-from seal_agent.grading import contains
+from seal_agent.qa.grading import contains
 
 pytestmark = pytest.mark.slow
 

@@ -11,13 +11,13 @@ import torch
 
 from seal_agent.agent import SealAgent
 from seal_agent.config import load_config
-from seal_agent.embedding import MiniLMEmbedder
-from seal_agent.forgetting import Check, passes
+from seal_agent.memory.embedding import MiniLMEmbedder
+from seal_agent.memory.forgetting import Check, passes
+from seal_agent.memory.replay import NewQA, ReplayBank
+from seal_agent.memory.state import State
 from seal_agent.model.loader import answer_dtype
-from seal_agent.qa import Question, evaluate
-from seal_agent.qa_gen import answer_candidates, clean_question, cloze, usable
-from seal_agent.replay import NewQA, ReplayBank
-from seal_agent.state import State
+from seal_agent.qa.answering import Question, evaluate
+from seal_agent.qa.writing import answer_candidates, clean_question, cloze, usable
 
 FACTS = {
     "h-normans": ("Normans", [("Who led the Norse raiders who became the Normans?", "Rollo"),
@@ -82,7 +82,7 @@ def test_bank_persists_finds_nearest_and_rebuilds_a_lost_or_corrupt_index(tmp_pa
 
 
 def test_base_model_embedder_fallback(tmp_path, tiny_cfg):
-    from seal_agent.embedding import load_embedder
+    from seal_agent.memory.embedding import load_embedder
 
     tiny_cfg.replay.embedder = "base-model"
     emb = load_embedder(tiny_cfg)
@@ -358,7 +358,7 @@ def test_eval_continual_writes_matrix_and_heatmap(tiny_config, squad_file, tmp_p
 
 
 def test_retention_summary_arithmetic():
-    from seal_agent.continual import summarize
+    from seal_agent.evaluation.continual import summarize
 
     m = [[0.0, 0.1, 0.2], [0.5], [0.3, 0.6], [0.2, 0.4, 0.7]]
     s = summarize(m)

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import SHARED_DATA, write_config
 
-from seal_agent import restem
 from seal_agent.cli import main
+from seal_agent.restem import loop as restem
 
 TRAIN_POOL = SHARED_DATA / "squad" / "train_pool.json"
 
@@ -177,9 +177,9 @@ def test_knowledge_proxy_scores_answer_coverage_and_grounding(tiny_cfg, smollm2_
     from transformers import AutoTokenizer
 
     from seal_agent.agent import policy_dir
-    from seal_agent.knowledge import KnowledgeContext, KnowledgeDomain
     from seal_agent.policy import load_active_policy
-    from seal_agent.qa import Question
+    from seal_agent.qa.answering import Question
+    from seal_agent.restem.knowledge import KnowledgeContext, KnowledgeDomain
 
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     domain = KnowledgeDomain(tiny_cfg, tok, load_active_policy(policy_dir(tiny_cfg), "implications"))
@@ -233,14 +233,14 @@ class LikelihoodDomain:
                         seed=seed, batch_size=k)
 
     def parse(self, ctx, completion):
-        from seal_agent.inner_loop import Example
+        from seal_agent.model.inner_loop import Example
 
         return [Example("", f"{completion}\n{ctx.text}")]
 
     def apply(self, model, update, seed):
         import contextlib
 
-        from seal_agent.inner_loop import train_adapter
+        from seal_agent.model.inner_loop import train_adapter
 
         @contextlib.contextmanager
         def applied():
@@ -275,7 +275,7 @@ def test_the_loop_runs_any_domain_and_measures_gains_against_the_untouched_model
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from seal_agent.model.live import weights_fingerprint
+    from seal_agent.memory.live import weights_fingerprint
 
     @dataclasses.dataclass(frozen=True)
     class Text:

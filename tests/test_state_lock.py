@@ -12,7 +12,7 @@ import pytest
 
 from seal_agent.agent import SealAgent
 from seal_agent.config import load_config
-from seal_agent.lock import StateBusy, StateLock, holder, running_pid
+from seal_agent.memory.lock import StateBusy, StateLock, holder, running_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 

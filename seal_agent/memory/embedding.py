@@ -16,8 +16,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .config import Config
-from .errors import SealError
+from ..config import Config
+from ..errors import SealError
 
 
 class Embedder(Protocol):
@@ -62,7 +62,7 @@ class BaseModelEmbedder:
     name = "base-model-mean"
 
     def __init__(self, cfg: Config) -> None:
-        from .model.loader import load_model, load_tokenizer, resolve_base
+        from ..model.loader import load_model, load_tokenizer, resolve_base
 
         base = resolve_base(cfg)
         self.tokenizer = load_tokenizer(base)

@@ -33,9 +33,9 @@ from typing import Any, Protocol
 
 import torch
 
-from .config import LoraConfig, RestemConfig, TrainConfig
-from .inner_loop import Example, attach_lora, train
-from .self_edit import policy_adapter
+from ..config import LoraConfig, RestemConfig, TrainConfig
+from ..learning.self_edit import policy_adapter
+from ..model.inner_loop import Example, attach_lora, train
 
 Progress = Callable[[str, dict[str, Any]], None]
 

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config
-from .inner_loop import Example, attach_lora, compile_failure, tokenize, train
-from .model.generation import Sampling, generate
-from .model.loader import answer_dtype, generate_dtype, load_model, load_tokenizer, resolve_base, train_dtype
-from .model.precision import ByRows, Precision, batch_dtype
-from .policy import Policy
+from ..config import Config
+from ..model.generation import Sampling, generate
+from ..model.inner_loop import Example, attach_lora, compile_failure, tokenize, train
+from ..model.loader import answer_dtype, generate_dtype, load_model, load_tokenizer, resolve_base, train_dtype
+from ..model.precision import ByRows, Precision, batch_dtype
+from ..policy import Policy
 
 BENCH_TITLE = "The Zorblax Prize"
 BENCH_PASSAGE = (
@@ -180,7 +180,7 @@ def generation_speed(model, tokenizer, policy: Policy, cfg: Config, dtype: Preci
 
 
 def qa_speed(model, tokenizer, cfg: Config) -> dict[str, Any]:
-    from .qa import Question, evaluate
+    from ..qa.answering import Question, evaluate
 
     questions = [Question(q, "x", BENCH_TITLE) for q in (
         "Who won the Zorblax Prize in 2031?", "Who founded the Zorblax Prize?", "Where is the prize presented?",
@@ -232,7 +232,7 @@ def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
     a new passage; a near copy of it about another prize (its first update
     tends to overwrite the first passage's answers: the forgetting gate's
     rehearsal retry); an unrelated new passage."""
-    from .agent import SealAgent
+    from ..agent import SealAgent
 
     with tempfile.TemporaryDirectory() as tmp:
         doc = Path(tmp) / "zorblax.md"
@@ -402,7 +402,7 @@ def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: i
     import openai
     import uvicorn
 
-    from .server import Served, build_app
+    from ..service.api.app import Served, build_app
 
     base_dir = resolve_base(cfg)
     tokenizer = load_tokenizer(base_dir)

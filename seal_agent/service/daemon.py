@@ -33,10 +33,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .agent import TASKS, SealAgent
-from .config import Config, ScheduleConfig, _resolve
-from .documents import shown
-from .errors import ConfigError, DocumentError, SealError
+from ..agent import TASKS, SealAgent
+from ..config import Config, ScheduleConfig, _resolve
+from ..documents import shown
+from ..errors import ConfigError, DocumentError, SealError
+from ..memory.lock import StateLock, running_pid  # noqa: F401 - running_pid: for the CLI
+from ..memory.replay import counts as replay_counts
+from ..model.loader import answer_dtype
+from ..restem.refresh import rounds
 from .inbox import (
     DONE,
     REJECTED,
@@ -50,11 +54,7 @@ from .inbox import (
     rename_noreplace,
     upload_problem,
 )
-from .jobs import ACTIVE, Copies, Job, JobQueue
-from .lock import StateLock, running_pid  # noqa: F401 - running_pid: for the CLI
-from .model.loader import answer_dtype
-from .refresh import rounds
-from .replay import counts as replay_counts
+from .queue import ACTIVE, Copies, Job, JobQueue
 
 log = logging.getLogger("seal_agent.daemon")
 _CURRENT: Daemon | None = None  # the running daemon, for scheduler callbacks
@@ -228,7 +228,7 @@ class Daemon:
             pruned = self.copies.prune({(j.sha256, j.name) for j in self.queue.active_documents() if j.sha256})
             if pruned:
                 log.info("removed %d queue copies no job needs (left by a stop)", pruned)
-            from .server import Served
+            from .api.app import Served
 
             live = self.agent.live
             self.served = Served(copy.deepcopy(live.model), live.tokenizer, live.version,

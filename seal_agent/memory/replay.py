@@ -26,8 +26,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ..qa.answering import Question, Scored
 from .embedding import Embedder
-from .qa import Question, Scored
 from .state import State, now
 
 

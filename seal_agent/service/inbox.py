@@ -73,8 +73,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .config import InboxConfig
-from .documents import SUPPORTED, shown
+from ..config import InboxConfig
+from ..documents import SUPPORTED, shown
 
 log = logging.getLogger("seal_agent.inbox")
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Self
 
-from .errors import SealError
+from ..errors import SealError
 
 
 class StateBusy(SealError):

@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..errors import SealError
 from .adapter_log import AdapterLog
-from .errors import SealError
 from .state import State, now
 
 

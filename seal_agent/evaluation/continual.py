@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import qa as qa_mod
-from .config import Config
-from .documents import Passage
-from .model.loader import answer_dtype
+from ..config import Config
+from ..documents import Passage
+from ..model.loader import answer_dtype
+from ..qa import answering as qa_mod
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -59,7 +59,7 @@ def summarize(matrix: list[list[float | None]]) -> dict[str, Any]:
 
 def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir: Path, external: str | None,
                   progress: Progress = _ignore) -> dict[str, Any]:
-    from .agent import SealAgent
+    from ..agent import SealAgent
 
     run_cfg = dataclasses.replace(
         cfg,

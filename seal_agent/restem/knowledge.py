@@ -14,16 +14,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import qa as qa_mod
-from .config import Config
-from .documents import Passage
-from .grading import contains
-from .inner_loop import train_adapter
-from .model.loader import answer_dtype, generate_dtype, train_dtype
-from .policy import Policy, ungrounded_terms
-from .replay import ReplayBank
-from .self_edit import SelfEdit, parse, sample
-from .state import State
+from ..config import Config
+from ..documents import Passage
+from ..learning.self_edit import SelfEdit, parse, sample
+from ..memory.replay import ReplayBank
+from ..memory.state import State
+from ..model.inner_loop import train_adapter
+from ..model.loader import answer_dtype, generate_dtype, train_dtype
+from ..policy import Policy, ungrounded_terms
+from ..qa import answering as qa_mod
+from ..qa.grading import contains
 
 
 @dataclass(frozen=True)

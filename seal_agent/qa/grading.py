@@ -13,8 +13,8 @@ import re
 import string
 from collections import Counter
 
-from .config import JudgeConfig, QAConfig
-from .errors import SealError
+from ..config import JudgeConfig, QAConfig
+from ..errors import SealError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation) | {"‘", "’", "“", "”", "–", "—"}

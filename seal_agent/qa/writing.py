@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .config import QAConfig
-from .documents import Passage
+from ..config import QAConfig
+from ..documents import Passage
+from ..model.generation import generate
+from ..model.precision import Precision
+from ..policy import Policy
+from .answering import Question, evaluate
 from .grading import normalize_answer
-from .model.generation import generate
-from .model.precision import Precision
-from .policy import Policy
-from .qa import Question, evaluate
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 # Capitalized word runs ("William the Conqueror", "Battle of Hastings") and numbers.

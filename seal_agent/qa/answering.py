@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import QAConfig
-from .documents import QA
+from ..config import QAConfig
+from ..documents import QA
+from ..model.generation import Sampling, generate, render_prompt
+from ..model.precision import Precision
 from .grading import grade, settled
-from .model.generation import Sampling, generate, render_prompt
-from .model.precision import Precision
 
 
 @dataclass(frozen=True)

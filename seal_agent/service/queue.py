@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .state import State, now
+from ..memory.state import State, now
 
 ACTIVE = ("queued", "learning")
 FINAL = ("done", "rejected", "failed")

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from ..adapter_log import AdapterLog
 from ..config import Config
 from ..errors import SealError
-from ..state import State, VersionRow, now
-from .loader import load_model, load_tokenizer, resolve_base
+from ..model.loader import load_model, load_tokenizer, resolve_base
+from .adapter_log import AdapterLog
+from .state import State, VersionRow, now
 
 log = logging.getLogger(__name__)
 

@@ -40,13 +40,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import Receive, Scope, Send
 
-from .api_guard import Guard, body_too_large, error_body, error_response
-from .config import ApiConfig
-from .errors import SealError
-from .model.generation import Completion, Sampling, TextStream, complete, has_chat_template, render_chat
+from ...config import ApiConfig
+from ...errors import SealError
+from ...model.generation import Completion, Sampling, TextStream, complete, has_chat_template, render_chat
+from .guard import Guard, body_too_large, error_body, error_response
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..daemon import Daemon
 
 log = logging.getLogger(__name__)
 

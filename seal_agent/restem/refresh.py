@@ -19,15 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import restem
-from .documents import read_qa_passages
-from .errors import SealError
+from ..documents import read_qa_passages
+from ..errors import SealError
+from ..memory.state import now
+from ..model.loader import train_dtype
+from . import loop as restem
 from .knowledge import KnowledgeContext, KnowledgeDomain, bank_contexts, file_contexts
-from .model.loader import train_dtype
-from .state import now
 
 if TYPE_CHECKING:
-    from .agent import SealAgent
+    from ..agent import SealAgent
 
 
 def data_contexts(paths: list[Path], max_questions: int) -> list[KnowledgeContext]:

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from .documents import Passage
-from .inner_loop import Example
-from .model.generation import generate
-from .model.precision import Precision
-from .policy import Policy
+from ..documents import Passage
+from ..model.generation import generate
+from ..model.inner_loop import Example
+from ..model.precision import Precision
+from ..policy import Policy
 
 
 @dataclass

@@ -30,14 +30,14 @@ from typing import Any
 
 import torch
 
-from . import qa as qa_mod
-from .config import Config
-from .documents import Passage
-from .errors import SealError
-from .inner_loop import Example, train_adapter
-from .model.loader import answer_dtype, generate_dtype, train_dtype
-from .policy import Policy
-from .self_edit import from_text, write_self_edits
+from ..config import Config
+from ..documents import Passage
+from ..errors import SealError
+from ..learning.self_edit import from_text, write_self_edits
+from ..model.inner_loop import Example, train_adapter
+from ..model.loader import answer_dtype, generate_dtype, train_dtype
+from ..policy import Policy
+from ..qa import answering as qa_mod
 
 BASE, PASSAGE, SELF, IN_CONTEXT = "base", "passage", "self", "in-context"
 EXTERNAL = "external:"

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import Config, load_config
-from .errors import SealError
+from ..config import Config, load_config
+from ..errors import SealError
 
 err = Console(stderr=True)
 out = Console()
@@ -84,7 +84,7 @@ def _quiet_libraries(level: int) -> None:
 
 
 def _agent(ctx: click.Context):
-    from .agent import SealAgent
+    from ..agent import SealAgent
 
     root = ctx.find_root()
     verb = ctx.command_path[len(root.command_path):].strip()
@@ -209,7 +209,7 @@ def learn(ctx: click.Context, paths: tuple[Path, ...], max_passages: int | None,
     is merged into the live model as a new version. Files with questions also
     report accuracy on them before and after.
     """
-    from .agent import expand_paths
+    from ..agent import expand_paths
 
     agent = _agent(ctx)
     agent.own()  # refused at once, not per file, while another process owns the state directory
@@ -563,8 +563,8 @@ def run_daemon(ctx: click.Context, inbox: Path | None, host: str | None, port: i
     """
     import uvicorn
 
-    from .daemon import Daemon
-    from .server import build_app
+    from ..service.api.app import build_app
+    from ..service.daemon import Daemon
 
     _Server = _uvicorn_server()
     cfg = _config(ctx)
@@ -592,9 +592,9 @@ def run_daemon(ctx: click.Context, inbox: Path | None, host: str | None, port: i
 @handle_errors
 def status(ctx: click.Context, as_json: bool) -> None:
     """Live version, job queue, last decisions, replay bank, schedules (daemon running or not)."""
-    from .daemon import status as daemon_status
-    from .jobs import JobQueue
-    from .lock import running_pid
+    from ..memory.lock import running_pid
+    from ..service.daemon import status as daemon_status
+    from ..service.queue import JobQueue
 
     agent = _agent(ctx)
     s = daemon_status(agent, JobQueue(agent.state), agent.cfg, pid=running_pid(agent.cfg.state_dir))
@@ -632,7 +632,7 @@ def schedule() -> None:
 @handle_errors
 def schedule_list(ctx: click.Context, as_json: bool) -> None:
     """Schedules as persisted by the daemon, with their next runs."""
-    from .daemon import schedule_rows
+    from ..service.daemon import schedule_rows
 
     rows = schedule_rows(_config(ctx).state_dir)
     if as_json:
@@ -655,9 +655,9 @@ def schedule_list(ctx: click.Context, as_json: bool) -> None:
 @handle_errors
 def schedule_run(ctx: click.Context, name: str, as_json: bool) -> None:
     """Run a task now: queued for the running daemon, or run here if none is running."""
-    from .agent import TASKS
-    from .jobs import JobQueue
-    from .lock import running_pid
+    from ..agent import TASKS
+    from ..memory.lock import running_pid
+    from ..service.queue import JobQueue
 
     if name not in TASKS:
         raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
@@ -682,7 +682,7 @@ def schedule_run(ctx: click.Context, name: str, as_json: bool) -> None:
 
 
 def _pause(ctx: click.Context, name: str, paused: bool) -> None:
-    from .daemon import set_paused
+    from ..service.daemon import set_paused
 
     r = set_paused(_config(ctx).state_dir, name, paused)
     out.print(f"{r['name']}: " + ("paused" if r["paused"] else f"next run {r['next_run']}"), highlight=False)
@@ -743,8 +743,8 @@ def _eval_options(f: Callable) -> Callable:
 
 def _eval_passages(cfg: Config, data: Path | None, n: int | None) -> tuple[Path, list]:
     """The first n passages with questions of a SQuAD-style file (default: the dev set)."""
-    from .documents import read_qa_passages
-    from .evaluation import passage_subset
+    from ..documents import read_qa_passages
+    from ..evaluation.ladder import passage_subset
 
     data = data or (cfg.root / DEFAULT_EVAL_DATA)
     passages = [p for p in passage_subset(read_qa_passages(data, "evaluation"), n) if p.questions]
@@ -758,8 +758,8 @@ def _run_eval(ctx: click.Context, kind: str, data: Path | None, n: int | None, c
               policy_adapter: Path | None) -> None:
     from datetime import datetime
 
-    from .evaluation import parse_conditions, run_eval, write_outputs
-    from .grading import Judge
+    from ..evaluation.ladder import parse_conditions, run_eval, write_outputs
+    from ..qa.grading import Judge
 
     agent = _agent(ctx)
     cfg = agent.cfg
@@ -862,7 +862,7 @@ def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
     """
     from datetime import datetime
 
-    from .continual import heatmap, run_continual
+    from ..evaluation.continual import heatmap, run_continual
 
     cfg = _config(ctx)
     data, passages = _eval_passages(cfg, data, n)
@@ -881,7 +881,7 @@ def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
     if state_dir.exists() and any(state_dir.iterdir()):
         raise SealError(f"{state_dir} already holds a run; choose another --out")
     # the base conversion is shared with the configured state directory
-    from .model.loader import resolve_base
+    from ..model.loader import resolve_base
 
     resolve_base(cfg)
 
@@ -928,7 +928,7 @@ def bench(ctx: click.Context, as_json: bool) -> None:
     Takes 7-10 minutes on 2 cores. Ratios (speedup, fraction of peak) are
     measured in the same run, so they hold on a noisy machine.
     """
-    from .bench import run_bench, summary
+    from ..evaluation.bench import run_bench, summary
 
     agent = _agent(ctx)
     result = run_bench(agent.cfg, agent.policy, log=lambda m: err.print(f"[dim]{m}[/dim]"))

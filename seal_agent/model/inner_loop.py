@@ -29,9 +29,9 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import get_linear_schedule_with_warmup
 
-from .config import LoraConfig, TrainConfig
-from .errors import TrainingDiverged
-from .model.precision import autocast, weights_in
+from ..config import LoraConfig, TrainConfig
+from ..errors import TrainingDiverged
+from .precision import autocast, weights_in
 
 log = logging.getLogger(__name__)
 

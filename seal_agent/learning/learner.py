@@ -36,20 +36,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import forgetting
-from . import qa as qa_mod
-from .config import Config, to_dict
-from .documents import Document, Passage, file_hash, read_document
-from .errors import TrainingDiverged
-from .inner_loop import Example, Merged, TrainStats, compiles_next, train_adapter
-from .model.live import LiveModel, fingerprints
-from .model.loader import answer_dtype, generate_dtype, train_dtype
-from .policy import Policy
-from .policy_versions import PolicyVersions
-from .qa_gen import generate_qas
-from .replay import BankQA, NewQA, ReplayBank
+from ..config import Config, to_dict
+from ..documents import Document, Passage, file_hash, read_document
+from ..errors import TrainingDiverged
+from ..memory import forgetting
+from ..memory.live import LiveModel, fingerprints
+from ..memory.policy_versions import PolicyVersions
+from ..memory.replay import BankQA, NewQA, ReplayBank
+from ..memory.state import State, VersionRow, now
+from ..model.inner_loop import Example, Merged, TrainStats, compiles_next, train_adapter
+from ..model.loader import answer_dtype, generate_dtype, train_dtype
+from ..policy import Policy
+from ..qa import answering as qa_mod
+from ..qa.writing import generate_qas
 from .self_edit import SelfEdit, from_text, write_for
-from .state import State, VersionRow, now
 
 Progress = Callable[[str, dict[str, Any]], None]
 

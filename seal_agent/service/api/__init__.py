@@ -1,0 +1,2 @@
+"""The HTTP API: what a request must pass first (`guard`) and the
+OpenAI-compatible routes (`app`)."""
