@@ -64,6 +64,50 @@ def test_select_holds_out_a_fixed_slice_and_prefers_unused_then_recent():
     assert restem.select(pool, {}, 10, 5, 0.0)[1] == []
 
 
+# -- the decisions at their edges (exact binary fractions: no rounding decides) --
+
+@pytest.mark.parametrize("margin", [0.125, 0.0, -0.125])
+def test_promotion_needs_the_new_policy_to_beat_the_old_by_more_than_the_margin(margin):
+    old, step = 0.25, 2 ** -10
+    bar = old + margin  # exact
+    assert restem.promotion(old, bar + step, margin)[0] == "promoted"
+    assert restem.promotion(old, bar, margin)[0] == "kept"  # equal is not better
+    assert restem.promotion(old, bar - step, margin)[0] == "kept"
+
+
+def test_promotion_weighs_the_margin_and_says_why():
+    # Better than the old policy, but not by the margin: kept.
+    decision, reason = restem.promotion(0.25, 0.375 - 2 ** -10, 0.125)
+    assert decision == "kept" and reason == ("held-out gain +0.374 does not beat the current policy's "
+                                             "+0.250 by more than 0.125")
+    # Worse than the old policy, but within a negative margin: promoted.
+    decision, reason = restem.promotion(0.25, 0.25 - 2 ** -4, -0.125)
+    assert decision == "promoted" and reason == "held-out gain +0.188 beats +0.250 by more than -0.125"
+
+
+def _rows(*rewards):
+    return [{"context": "c", "sample": i, "reward": r} for i, r in enumerate(rewards)]
+
+
+def test_best_of_k_takes_the_highest_reward_above_the_threshold():
+    assert restem.best_of_k(_rows(0.1, 0.4, 0.25), 0.0)["sample"] == 1
+    assert restem.best_of_k(_rows(0.4, 0.1, 0.25), 0.0)["sample"] == 0
+    assert restem.best_of_k(_rows(0.1, 0.25, 0.4), 0.2)["sample"] == 2
+    # Below the threshold a reward never wins, however it ranks.
+    assert restem.best_of_k(_rows(-0.5, -0.2, -0.375), -0.25)["sample"] == 1
+    assert restem.best_of_k(_rows(0.1, 0.25, 0.4), 0.5) is None
+    assert restem.best_of_k(_rows(0.25, 0.25), 0.25) is None  # equal to it is not above it
+    assert restem.best_of_k(_rows(0.25, 0.25 + 2 ** -10), 0.25)["sample"] == 1
+    assert restem.best_of_k(_rows(None, 0.125, None), 0.0)["sample"] == 1  # an unmeasured sample never wins
+    assert restem.best_of_k(_rows(None, None), -1.0) is None
+    assert restem.best_of_k([], 0.0) is None
+
+
+def test_best_of_k_breaks_ties_by_taking_the_first():
+    assert restem.best_of_k(_rows(0.125, 0.5, 0.5), 0.0)["sample"] == 1
+    assert restem.best_of_k(_rows(0.5, 0.125, 0.5), 0.0)["sample"] == 0
+
+
 def test_refresh_end_to_end_promotes_a_version(tmp_path, tiny_model_dir, pool_file):
     # Every sample "wins" and any new policy is promoted, so the whole path runs on a
     # random model whose accuracy gains are noise; the decision rules have their own tests.
@@ -302,5 +346,13 @@ def test_the_loop_runs_any_domain_and_measures_gains_against_the_untouched_model
     assert rnd.heldout["before"] == [pytest.approx(clean["t2"], abs=1e-4)]
     assert rnd.heldout["old_gains"][0] > 0 and rnd.heldout["new_gains"][0] > 0
     assert rnd.decision == "promoted" and (rnd.candidate / "adapter_model.safetensors").exists()
+    # The round decides with its pure rules, on its own measurements (the candidate's gains as `new`).
+    held = rnd.heldout
+    assert (rnd.decision, rnd.reason) == restem.promotion(sum(held["old_gains"]) / len(held["old_gains"]),
+                                                          sum(held["new_gains"]) / len(held["new_gains"]),
+                                                          tiny_cfg.restem.promote_margin)
+    for w in rnd.winners:
+        best = restem.best_of_k([r for r in rnd.rewards if r["context"] == w["context"]], -1.0)
+        assert (w["sample"], w["reward"]) == (best["sample"], best["reward"])
     with pytest.raises(ValueError, match="held-out"):
         restem.refresh(domain, model, tok, texts[:2], texts[1:2], settings, None, tmp_path)

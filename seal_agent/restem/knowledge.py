@@ -20,7 +20,7 @@ from ..learning.self_edit import SelfEdit, parse, sample
 from ..memory.replay import ReplayBank
 from ..memory.state import State
 from ..model.inner_loop import train_adapter
-from ..model.loader import answer_dtype, generate_dtype, train_dtype
+from ..model.loader import compute_dtypes
 from ..policy import Policy, ungrounded_terms
 from ..qa import answering as qa_mod
 from ..qa.grading import contains
@@ -75,16 +75,14 @@ class KnowledgeDomain:
         self.lineage = lineage or []
         self.live_version = live_version
         self.use_chat = cfg.model.use_chat_template
-        self.gen_dtype = generate_dtype(cfg)
-        self.answer_dtype = answer_dtype(cfg)
-        self.train_dtype = train_dtype(cfg)
+        self.dtypes = compute_dtypes(cfg)
         self._replay_before: dict[str, list] = {}  # per context: nearby replay QAs `model` answers right
 
     def prompt(self, ctx: KnowledgeContext) -> str:
         return self.policy.prompt(self.tokenizer, ctx.title, ctx.text, self.use_chat)
 
     def sample(self, model, ctx: KnowledgeContext, k: int, seed: int) -> list[str]:
-        return sample(model, self.tokenizer, self.policy, self.prompt(ctx), k, self.gen_dtype, seed)
+        return sample(model, self.tokenizer, self.policy, self.prompt(ctx), k, self.dtypes.generate, seed)
 
     def parse(self, ctx: KnowledgeContext, completion: str) -> SelfEdit:
         return parse(self.policy, self.tokenizer, ctx.passage, self.prompt(ctx), completion, self.use_chat)
@@ -92,7 +90,7 @@ class KnowledgeDomain:
     @contextlib.contextmanager
     def apply(self, model, update: SelfEdit, seed: int) -> Iterator[Any]:
         candidate, _stats = train_adapter(model, self.tokenizer, update.examples, self.cfg.lora, self.cfg.train,
-                                          seed=seed, compute_dtype=self.train_dtype)
+                                          seed=seed, compute_dtype=self.dtypes.train)
         try:
             yield candidate
         finally:
@@ -100,7 +98,7 @@ class KnowledgeDomain:
 
     def _scored(self, model, questions) -> list[qa_mod.Scored]:
         return qa_mod.evaluate(model, self.tokenizer, list(questions), self.cfg.qa, use_chat=self.use_chat,
-                               compute_dtype=self.answer_dtype)
+                               compute_dtype=self.dtypes.answer)
 
     def score(self, model, ctx: KnowledgeContext) -> float:
         return qa_mod.accuracy(self._scored(model, ctx.questions)) or 0.0

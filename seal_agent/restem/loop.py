@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,8 +36,7 @@ import torch
 from ..config import LoraConfig, RestemConfig, TrainConfig
 from ..learning.self_edit import policy_adapter
 from ..model.inner_loop import Example, attach_lora, train
-
-Progress = Callable[[str, dict[str, Any]], None]
+from ..progress import Progress, no_progress
 
 
 class Context(Protocol):
@@ -118,8 +117,12 @@ class Round:
     # The trained candidate's directory (when SFT ran); the caller stores it if promoted.
     candidate: Path | None = None
 
-    def timed(self, stage: str, seconds: float) -> None:
-        self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + seconds, 2)
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Adds the time spent in the block to `stage_seconds[name]`."""
+        t0 = time.perf_counter()
+        yield
+        self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0, 2)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -134,10 +137,22 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def _winner(rewards: list[dict[str, Any]], min_reward: float) -> dict[str, Any] | None:
-    """Best-of-k among the samples whose reward beats `min_reward` (first on ties)."""
+# -- the decisions (pure) -----------------------------------------------------
+
+def best_of_k(rewards: list[dict[str, Any]], min_reward: float) -> dict[str, Any] | None:
+    """The winner among one context's samples: the highest reward above `min_reward`
+    (the first of equals); None when no reward is above it."""
     improving = [r for r in rewards if r["reward"] is not None and r["reward"] > min_reward]
     return max(improving, key=lambda r: r["reward"]) if improving else None
+
+
+def promotion(old: float, new: float, margin: float) -> tuple[str, str]:
+    """Decision and reason from the held-out mean gains of the current policy (`old`)
+    and the candidate (`new`): promoted only if `new` beats `old` by more than `margin`."""
+    if new > old + margin:
+        return "promoted", f"held-out gain {new:+.3f} beats {old:+.3f} by more than {margin}"
+    return "kept", (f"held-out gain {new:+.3f} does not beat the current policy's "
+                    f"{old:+.3f} by more than {margin}")
 
 
 def _agreement(rewards: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -166,13 +181,9 @@ class Settings:
     seed: int = 0
 
 
-def _ignore(_stage: str, _info: dict[str, Any]) -> None:
-    pass
-
-
 def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout_contexts: list[Any],
             settings: Settings, current_adapter: Path | None, work_dir: Path, *,
-            should_stop: Callable[[], bool] = lambda: False, progress: Progress = _ignore) -> Round:
+            should_stop: Callable[[], bool] = lambda: False, progress: Progress = no_progress) -> Round:
     """One ReSTEM round on `model` (a scratch copy: updates are put on and taken off it)."""
     cfg = settings.restem
     t_start = time.perf_counter()
@@ -181,37 +192,11 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
     train_ids = {c.id for c in train_contexts}
     if train_ids & {c.id for c in heldout_contexts}:  # select() never does this; a caller might
         raise ValueError("a held-out context is also a training context")
-    before_cache: dict[str, float] = {}
+    before = _scores_before(domain, model)
 
-    def before(ctx) -> float:
-        if ctx.id not in before_cache:
-            before_cache[ctx.id] = domain.score(model, ctx)
-        return before_cache[ctx.id]
-
-    pairs: list[Example] = []
-    for ci, ctx in enumerate(train_contexts):
-        if should_stop():
-            rnd.stopped_early = f"stopped after {ci} of {len(train_contexts)} contexts: documents are waiting"
-            rnd.contexts = rnd.contexts[:ci]
-            break
-        progress("context", {"index": ci, "total": len(train_contexts), "title": ctx.title})
-        t0 = time.perf_counter()
-        with policy_adapter(model, current_adapter) as writer:
-            completions = domain.sample(writer, ctx, cfg.samples, settings.seed * 7919 + ci)
-        rnd.timed("sample", time.perf_counter() - t0)
-        for si, completion in enumerate(completions):
-            rnd.samples.append({"context": ctx.id, "sample": si, **domain.describe(ctx, completion)})
-        t0 = time.perf_counter()
-        rows = [_reward(domain, model, ctx, si, c, before, settings) for si, c in enumerate(completions)]
-        rnd.timed("reward", time.perf_counter() - t0)
-        rnd.rewards.extend(rows)
-        best = _winner(rows, cfg.min_reward)
-        if best is not None:
-            rnd.winners.append({"context": ctx.id, "sample": best["sample"], "reward": best["reward"]})
-            pairs.append(Example(domain.prompt(ctx), completions[best["sample"]]))
-        progress("rewarded", {"index": ci, "rewards": [r["reward"] for r in rows], "winner": best is not None})
+    pairs = _winning_pairs(rnd, domain, model, train_contexts, settings, current_adapter, before,
+                           should_stop, progress)
     rnd.proxy_agreement = _agreement(rnd.rewards)
-
     if not pairs:
         rnd.decision, rnd.reason = "kept", (
             "no training contexts" if not train_contexts else
@@ -219,28 +204,67 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
     elif not heldout_contexts:
         rnd.decision, rnd.reason = "kept", "no held-out contexts to test a new policy on"
     else:
-        t0 = time.perf_counter()
-        progress("sft", {"pairs": len(pairs)})
-        rnd.candidate, rnd.sft = _sft(model, tokenizer, pairs, settings, current_adapter, work_dir)
-        rnd.timed("sft", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        progress("heldout", {"contexts": len(heldout_contexts)})
-        old = _heldout_gains(domain, model, heldout_contexts, current_adapter, before, settings)
-        new = _heldout_gains(domain, model, heldout_contexts, rnd.candidate, before, settings)
-        rnd.timed("heldout", time.perf_counter() - t0)
+        with rnd.stage("sft"):
+            progress("sft", {"pairs": len(pairs)})
+            rnd.candidate, rnd.sft = _sft(model, tokenizer, pairs, settings, current_adapter, work_dir)
+        with rnd.stage("heldout"):
+            progress("heldout", {"contexts": len(heldout_contexts)})
+            old = _heldout_gains(domain, model, heldout_contexts, current_adapter, before, settings)
+            new = _heldout_gains(domain, model, heldout_contexts, rnd.candidate, before, settings)
         rnd.heldout = {"contexts": [c.id for c in heldout_contexts],
                        "before": [round(before(c), 4) for c in heldout_contexts], "old": round(_mean(old), 4),
                        "new": round(_mean(new), 4), "old_gains": old, "new_gains": new,
                        "margin": cfg.promote_margin}
-        if _mean(new) > _mean(old) + cfg.promote_margin:
-            rnd.decision = "promoted"
-            rnd.reason = f"held-out gain {_mean(new):+.3f} beats {_mean(old):+.3f} by more than {cfg.promote_margin}"
-        else:
-            rnd.decision = "kept"
-            rnd.reason = (f"held-out gain {_mean(new):+.3f} does not beat the current policy's "
-                          f"{_mean(old):+.3f} by more than {cfg.promote_margin}")
+        rnd.decision, rnd.reason = promotion(_mean(old), _mean(new), cfg.promote_margin)
     rnd.seconds = round(time.perf_counter() - t_start, 2)
     return rnd
+
+
+def _scores_before(domain: Domain, model) -> Callable[[Any], float]:
+    """A context's score on `model` untouched, measured once per round."""
+    cache: dict[str, float] = {}
+
+    def before(ctx) -> float:
+        if ctx.id not in cache:
+            cache[ctx.id] = domain.score(model, ctx)
+        return cache[ctx.id]
+
+    return before
+
+
+def _winning_pairs(rnd: Round, domain: Domain, model, contexts: list[Any], settings: Settings,
+                   current_adapter: Path | None, before: Callable[[Any], float], should_stop: Callable[[], bool],
+                   progress: Progress) -> list[Example]:
+    """Per training context, until `should_stop`: the winning self-edit (best-of-k) as a
+    (prompt -> self-edit) pair to train the policy on. Samples, rewards and winners go into `rnd`."""
+    pairs: list[Example] = []
+    for ci, ctx in enumerate(contexts):
+        if should_stop():
+            rnd.stopped_early = f"stopped after {ci} of {len(contexts)} contexts: documents are waiting"
+            rnd.contexts = rnd.contexts[:ci]
+            break
+        progress("context", {"index": ci, "total": len(contexts), "title": ctx.title})
+        completions, rows = _sample_and_reward(rnd, domain, model, ctx, ci, settings, current_adapter, before)
+        best = best_of_k(rows, settings.restem.min_reward)
+        if best is not None:
+            rnd.winners.append({"context": ctx.id, "sample": best["sample"], "reward": best["reward"]})
+            pairs.append(Example(domain.prompt(ctx), completions[best["sample"]]))
+        progress("rewarded", {"index": ci, "rewards": [r["reward"] for r in rows], "winner": best is not None})
+    return pairs
+
+
+def _sample_and_reward(rnd: Round, domain: Domain, model, ctx, ci: int, settings: Settings,
+                       current_adapter: Path | None, before: Callable[[Any], float],
+                       ) -> tuple[list[str], list[dict[str, Any]]]:
+    """k self-edits for the `ci`-th context, written with the current policy, and their rewards."""
+    with rnd.stage("sample"), policy_adapter(model, current_adapter) as writer:
+        completions = domain.sample(writer, ctx, settings.restem.samples, settings.seed * 7919 + ci)
+    for si, completion in enumerate(completions):
+        rnd.samples.append({"context": ctx.id, "sample": si, **domain.describe(ctx, completion)})
+    with rnd.stage("reward"):
+        rows = [_reward(domain, model, ctx, si, c, before, settings) for si, c in enumerate(completions)]
+    rnd.rewards.extend(rows)
+    return completions, rows
 
 
 def _reward(domain: Domain, model, ctx, si: int, completion: str, before: Callable[[Any], float],
