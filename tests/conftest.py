@@ -72,6 +72,18 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return out
 
 
+# A daemon under test: quick to take files, no schedules unless a test sets one.
+DAEMON_SECTIONS = """
+[inbox]
+stable_s = 0.3
+poll_s = 0.2
+[schedule]
+replay_check = ""
+consolidate = ""
+restem = ""
+"""
+
+
 def write_config(path: Path, model_base: str | Path, state_dir: Path, extra: str = "") -> Path:
     """A config.toml for tests: tiny model, small budgets, the project's policies."""
     path.write_text(

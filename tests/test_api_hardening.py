@@ -17,29 +17,22 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import write_config
+from conftest import DAEMON_SECTIONS, write_config
 from test_daemon import Daemon, free_port
 
 from seal_agent.errors import SealError
 from seal_agent.model.generation import Sampling, TextStream
 from seal_agent.model.loader import load_model, load_tokenizer
-from seal_agent.service.api.app import MAX_CHOICES, Served, build_app
+from seal_agent.service.api.app import build_app
+from seal_agent.service.api.protocol import MAX_CHOICES
+from seal_agent.service.serving import Served, ServingOnly
 
-DAEMON_CONFIG = """
-[inbox]
-stable_s = 0.3
-poll_s = 0.2
-[schedule]
-replay_check = ""
-consolidate = ""
-restem = ""
-[api]
+DAEMON_CONFIG = DAEMON_SECTIONS + """[api]
 max_tokens = 2000  # long enough generations to tell a stopped one from one left running
 """
 CONTEXT = 2048  # the tiny model's max_position_embeddings
@@ -98,11 +91,12 @@ def wait_for_log(d: Daemon, pattern: str, timeout: float = 10) -> re.Match | Non
 
 @pytest.fixture
 def app_with(tiny_cfg, tiny_model_dir):
-    """The app on an in-process Served (no daemon), under uvicorn on 127.0.0.1 as
-    bench.query_latency runs it: a request that hangs fails on its client's timeout."""
+    """The app on an in-process Served behind a serving-only backend (no daemon), under
+    uvicorn on 127.0.0.1 as bench.query_latency runs it: a request that hangs fails on
+    its client's timeout."""
     served = Served(load_model(tiny_model_dir, tiny_cfg), load_tokenizer(tiny_model_dir), 0)
-    daemon = SimpleNamespace(cfg=tiny_cfg, served=served, started=time.time(), queue=None)
-    server = uvicorn.Server(uvicorn.Config(build_app(daemon), host="127.0.0.1", port=free_port(), log_level="error",
+    backend = ServingOnly(tiny_cfg.api, served)
+    server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1", port=free_port(), log_level="error",
                                            timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -110,7 +104,7 @@ def app_with(tiny_cfg, tiny_model_dir):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        yield served, daemon, f"http://127.0.0.1:{server.config.port}"
+        yield served, backend, f"http://127.0.0.1:{server.config.port}"
     finally:
         server.should_exit = True
         thread.join(10)
@@ -157,7 +151,7 @@ def test_a_cancelled_stream_gives_up_waiting_for_the_model(tiny_cfg, tiny_model_
 
 
 def test_unexpected_failures_are_json_500s_and_template_refusals_400s(app_with, monkeypatch):
-    served, daemon, url = app_with
+    served, backend, url = app_with
     monkeypatch.setattr(served, "prepare", lambda prompt: 1 / 0)
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=20)
     assert assert_openai_error(r, 500)["type"] == "server_error"
@@ -172,12 +166,24 @@ def test_unexpected_failures_are_json_500s_and_template_refusals_400s(app_with, 
         return submit
 
     upload = {"filename": "notes.md", "content": "x"}
-    daemon.submit = submitting(SealError("bad file name 'notes.md'"))
+    backend.submit = submitting(SealError("bad file name 'notes.md'"))
     assert "bad file name" in assert_openai_error(httpx.post(f"{url}/v1/documents", json=upload), 400)["message"]
-    daemon.submit = submitting(OSError(errno.ENAMETOOLONG, "File name too long"))
+    backend.submit = submitting(OSError(errno.ENAMETOOLONG, "File name too long"))
     assert_openai_error(httpx.post(f"{url}/v1/documents", json=upload), 400, param="filename")
-    daemon.submit = submitting(OSError(errno.ENOSPC, "No space left on device"))
+    backend.submit = submitting(OSError(errno.ENOSPC, "No space left on device"))
     assert assert_openai_error(httpx.post(f"{url}/v1/documents", json=upload), 500)["type"] == "server_error"
+
+
+def test_a_serving_only_backend_answers_and_refuses_the_rest_in_openai_shape(app_with):
+    _served, _backend, url = app_with
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                       "max_tokens": 2}, timeout=20)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    upload = {"filename": "notes.md", "content": "x"}
+    e = assert_openai_error(httpx.post(f"{url}/v1/documents", json=upload), 501, code="not_implemented")
+    assert "learns no documents" in e["message"]
+    assert_openai_error(httpx.get(f"{url}/v1/status"), 501, code="not_implemented")
+    assert_openai_error(httpx.get(f"{url}/v1/jobs/1"), 404, code="not_found")
 
 
 # -- an abandoned stream frees the model -----------------------------------------

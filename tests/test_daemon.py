@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import SHARED_DATA, write_config
+from conftest import DAEMON_SECTIONS, SHARED_DATA, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,15 +84,7 @@ class Daemon:
 @pytest.fixture
 def setup(tmp_path, tiny_model_dir):
     inbox = tmp_path / "inbox"
-    cfg = write_config(tmp_path / "config.toml", tiny_model_dir, tmp_path / "state", extra="""
-[inbox]
-stable_s = 0.3
-poll_s = 0.2
-[schedule]
-replay_check = ""
-consolidate = ""
-restem = ""
-""")
+    cfg = write_config(tmp_path / "config.toml", tiny_model_dir, tmp_path / "state", extra=DAEMON_SECTIONS)
     return cfg, inbox, tmp_path / "state"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import write_config
+from conftest import DAEMON_SECTIONS, write_config
 from test_daemon import Daemon as DaemonProcess
 from test_daemon import free_port, jobs
 
@@ -92,6 +92,14 @@ def work(d: Daemon) -> None:
 
 def entries(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def all_jobs(d: Daemon) -> list:
+    """Every job the queue knows, oldest first (ids count up from 1, none is deleted)."""
+    out = []
+    while (job := d.queue.get(len(out) + 1)) is not None:
+        out.append(job)
+    return out
 
 
 # -- 1. what is checked is what is learned -------------------------------------
@@ -176,7 +184,7 @@ def test_names_with_line_breaks_and_escapes_are_shown_escaped_in_logs_and_reason
     assert any("x.txt\\n2030-01-01" in m for m in messages)
     reason = (inbox / REJECTED / f"{forged}{REASON}").read_text()
     assert reason.count("\n") == 1 and "\x1b" not in reason
-    assert all("\n" not in (j.error or "") for j in daemon.queue.recent())
+    assert all("\n" not in (j.error or "") for j in all_jobs(daemon))
     assert (inbox / DONE / queued).exists()
 
 
@@ -258,7 +266,7 @@ def test_a_symlink_loop_that_sorts_first_does_not_stall_the_others(daemon):
     watcher.poll()
     watcher.poll()
     assert "loop" in (inbox / REJECTED / f"a-loop.txt{REASON}").read_text()
-    assert {j.name: j.state for j in daemon.queue.recent()} == {
+    assert {j.name: j.state for j in all_jobs(daemon)} == {
         "a-loop.txt": "rejected", "a-loop2.txt": "rejected", "b.txt": "queued", "c.txt": "queued"}
 
 
@@ -279,7 +287,7 @@ def test_any_failure_taking_one_entry_rejects_it_and_the_poll_goes_on(daemon, mo
     watcher.scan()
     watcher.poll()
     watcher.poll()
-    states = {j.name: j.state for j in daemon.queue.recent()}
+    states = {j.name: j.state for j in all_jobs(daemon)}
     assert states == {"a.txt": "rejected", "b.txt": "queued", "c.txt": "queued"}
     assert "RuntimeError: boom" in (inbox / REJECTED / f"a.txt{REASON}").read_text()
     # a take that raises (its own rejection failed) costs only that entry
@@ -389,13 +397,13 @@ def test_with_after_keep_learned_files_stay_and_a_restart_queues_nothing(daemon)
     daemon.take(inbox / "b.txt")
     work(daemon)
     assert entries(inbox) == {"a.txt", "b.txt"} and len(daemon.agent.learned) == 1
-    n = len(daemon.queue.recent())
+    n = len(all_jobs(daemon))
     watcher = Inbox(inbox, daemon.cfg.inbox, daemon.take)
     watcher.cfg.stable_s = 0
     watcher.scan()  # a restart
     watcher.poll()
     watcher.poll()
-    assert len(daemon.queue.recent()) == n and daemon.queue.claim() is None
+    assert len(all_jobs(daemon)) == n and daemon.queue.claim() is None
 
 
 def test_a_file_edited_while_queued_is_learned_as_each_content_and_moved_once(daemon):
@@ -491,7 +499,7 @@ def test_an_entry_that_cannot_even_be_looked_at_does_not_stop_the_poll(daemon):
     watcher._note(inbox / ("x" * 300 + ".txt"), moved_in=True)  # lstat: ENAMETOOLONG
     watcher._note(inbox / "b.txt", moved_in=True)
     watcher.poll()
-    assert [j.name for j in daemon.queue.recent()] == ["b.txt"]
+    assert [j.name for j in all_jobs(daemon)] == ["b.txt"]
 
 
 def test_the_worker_outlives_a_failure_of_the_queue_itself(daemon, monkeypatch):
@@ -618,15 +626,7 @@ def _malformed(rng: random.Random, i: int, inbox: Path, outside: Path) -> str:
 
 def test_a_seeded_batch_of_malformed_entries_never_holds_back_the_good_ones(tmp_path, tiny_model_dir):
     inbox, state_dir = tmp_path / "inbox", tmp_path / "state"
-    cfg = write_config(tmp_path / "config.toml", tiny_model_dir, state_dir, extra="""
-[inbox]
-stable_s = 0.3
-poll_s = 0.2
-[schedule]
-replay_check = ""
-consolidate = ""
-restem = ""
-""")
+    cfg = write_config(tmp_path / "config.toml", tiny_model_dir, state_dir, extra=DAEMON_SECTIONS)
     # a document a crash left `learning` before this start
     stale = State(state_dir / "state" / "seal.db")
     stale_doc = stale.add_document("/old/a.txt", "0" * 64, "a", "txt")

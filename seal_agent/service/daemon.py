@@ -5,8 +5,8 @@ Threads, one job each:
   - the worker learns queued jobs one at a time with the SealAgent, then
     hands a copy of the new live weights to the API (a version switch is
     atomic, between requests);
-  - the scheduler (APScheduler, persistent SQLite job store) queues tasks such
-    as the replay check; they run on the worker like any job;
+  - the scheduler (schedules.py) queues tasks such as the replay check; they
+    run on the worker like any job;
   - the main thread serves the API (uvicorn) until SIGTERM/SIGINT.
 One daemon per state directory (an flock'ed lock file holding the pid). A kill
 at any moment loses nothing: jobs are rows in SQLite, a version is live only
@@ -21,26 +21,23 @@ never stops the worker; a document that keeps failing ends in rejected/.
 from __future__ import annotations
 
 import copy
-import ipaddress
 import logging
 import logging.handlers
 import os
-import re
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..agent import TASKS, SealAgent
-from ..config import Config, ScheduleConfig, _resolve
+from ..agent import SealAgent
+from ..config import ApiConfig, Config, _resolve
 from ..documents import shown
 from ..errors import ConfigError, DocumentError, SealError
-from ..memory.lock import StateLock, running_pid  # noqa: F401 - running_pid: for the CLI
+from ..memory.lock import StateLock
 from ..memory.replay import counts as replay_counts
-from ..model.loader import answer_dtype
-from ..restem.refresh import rounds
+from ..restem.rounds import RoundLog
+from .api.guard import loopback_host
 from .inbox import (
     DONE,
     REJECTED,
@@ -55,109 +52,13 @@ from .inbox import (
     upload_problem,
 )
 from .queue import ACTIVE, Copies, Job, JobQueue
+from .schedules import schedule_rows, schedules, start_scheduler
+from .serving import Served
 
 log = logging.getLogger("seal_agent.daemon")
-_CURRENT: Daemon | None = None  # the running daemon, for scheduler callbacks
-
-
-# -- schedules -------------------------------------------------------------
-
-_EVERY = re.compile(r"^every\s+(\d+)\s*(s|m|h|d)$")
-
-
-def trigger(spec: str):
-    """"every 6h" -> IntervalTrigger, "cron 0 3 * * *" -> CronTrigger, "" -> None."""
-    from apscheduler.triggers.cron import CronTrigger
-    from apscheduler.triggers.interval import IntervalTrigger
-
-    spec = spec.strip()
-    if not spec:
-        return None
-    m = _EVERY.match(spec)
-    if m:
-        seconds = int(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
-        if seconds <= 0:
-            raise ConfigError(f"schedule '{spec}': the interval must be positive")
-        return IntervalTrigger(seconds=seconds)
-    if spec.startswith("cron "):
-        try:
-            return CronTrigger.from_crontab(spec[5:].strip(), timezone=UTC)
-        except ValueError as e:
-            raise ConfigError(f"schedule '{spec}': {e}") from None
-    raise ConfigError(f"schedule '{spec}' must be \"\", \"every <n><s|m|h|d>\" or \"cron <crontab>\"")
-
-
-def schedules(cfg: ScheduleConfig) -> dict[str, Any]:
-    """Task name -> trigger (None when off), checked at start-up."""
-    return {name: trigger(getattr(cfg, name)) for name in TASKS}
-
-
-def scheduler_store_url(state_dir: Path) -> str:
-    return f"sqlite:///{state_dir / 'state' / 'schedule.db'}"
-
-
-def scheduled(name: str) -> None:
-    """What the scheduler runs: queue the task for the worker (a module-level
-    function, so the persistent job store can refer to it)."""
-    if _CURRENT is not None:
-        _CURRENT.queue_task(name, source="schedule")
-
-
-def job_store(state_dir: Path, open_: bool = False):
-    """The persistent APScheduler job store; `open_=True` makes it readable
-    without a running scheduler (for the CLI)."""
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    (state_dir / "state").mkdir(parents=True, exist_ok=True)
-    store = SQLAlchemyJobStore(url=scheduler_store_url(state_dir))
-    if open_:
-        store.start(BackgroundScheduler(timezone=UTC), "default")
-    return store
-
-
-def _row(job) -> dict[str, Any]:
-    next_run = getattr(job, "next_run_time", None)
-    return {"name": job.id, "trigger": str(job.trigger), "paused": next_run is None,
-            "next_run": next_run.isoformat(timespec="seconds") if next_run else None}
-
-
-def schedule_rows(state_dir: Path) -> list[dict[str, Any]]:
-    """The persisted schedules (readable while the daemon runs or not)."""
-    if not (state_dir / "state" / "schedule.db").exists():
-        return []
-    store = job_store(state_dir, open_=True)
-    try:
-        return [_row(job) for job in store.get_all_jobs()]
-    finally:
-        store.shutdown()
-
-
-def set_paused(state_dir: Path, name: str, paused: bool) -> dict[str, Any]:
-    """Pause or resume a persisted schedule (the running daemon's scheduler reads the store)."""
-    known = [r["name"] for r in schedule_rows(state_dir)]
-    if name not in known:
-        raise SealError(f"no schedule '{name}' (known: {', '.join(known) or 'none: start `seal-agent run` once'})")
-    store = job_store(state_dir, open_=True)
-    try:
-        job = store.lookup_job(name)
-        job._modify(next_run_time=None if paused else job.trigger.get_next_fire_time(None, datetime.now(UTC)))
-        store.update_job(job)
-        return _row(job)
-    finally:
-        store.shutdown()
 
 
 # -- the daemon ------------------------------------------------------------
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def _storable(text: object) -> str:
     """`text` as SQLite can hold it: a name that is not UTF-8 (undecodable bytes) escaped."""
@@ -179,10 +80,12 @@ class _OneLine(logging.Formatter):
 
 
 class Daemon:
+    """The running service, and the API's `ServingBackend` (serving.py)."""
+
     retry_s = 5.0  # pause of the worker after the queue itself failed
 
     def __init__(self, cfg: Config, inbox: Path | None = None):
-        if not _loopback(cfg.api.host) and not cfg.api.token:
+        if not loopback_host(cfg.api.host) and not cfg.api.token:
             raise ConfigError(f"api.host = {cfg.api.host!r} is reachable from other machines: set api.token "
                               "(every request must then carry 'Authorization: Bearer <token>')")
         self.cfg = cfg
@@ -199,7 +102,7 @@ class Daemon:
         self.copies = Copies(cfg.state_path("database").parent / "queue")
         self.agent: SealAgent | None = None
         self.queue: JobQueue | None = None
-        self.served = None
+        self.served: Served | None = None
         self.scheduler = None
         self.inbox: Inbox | None = None
         self.started = time.time()
@@ -212,7 +115,6 @@ class Daemon:
     # -- start / stop --------------------------------------------------------
     def start(self) -> None:
         """Everything but the API: lock, model, queue recovery, inbox, worker, scheduler."""
-        global _CURRENT
         self.lock.acquire()
         try:
             self._setup_logging()
@@ -228,18 +130,14 @@ class Daemon:
             pruned = self.copies.prune({(j.sha256, j.name) for j in self.queue.active_documents() if j.sha256})
             if pruned:
                 log.info("removed %d queue copies no job needs (left by a stop)", pruned)
-            from .api.app import Served
-
             live = self.agent.live
-            self.served = Served(copy.deepcopy(live.model), live.tokenizer, live.version,
-                                 use_chat=self.cfg.model.use_chat_template, dtype=answer_dtype(self.cfg))
+            self.served = Served.from_config(self.cfg, copy.deepcopy(live.model), live.tokenizer, live.version)
             self.agent.bank  # noqa: B018 - load the embedder now, not during the first job
-            _CURRENT = self
             self.inbox = Inbox(self.inbox_dir, self.cfg.inbox, self.take)
             self.inbox.start()
             self._worker = threading.Thread(target=self._work, name="learner", daemon=True)
             self._worker.start()
-            self._start_scheduler()
+            self.scheduler = start_scheduler(self.state_dir, self.cfg.state_path("database"), self.schedules)
             log.info("daemon started: pid %d, live version %d, inbox %s", os.getpid(), live.version,
                      shown(self.inbox_dir))
         except BaseException:
@@ -249,7 +147,6 @@ class Daemon:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking work; let the current step finish for up to `timeout` s (an
         abandoned job is retried at the next start)."""
-        global _CURRENT
         self._stop.set()
         self._wake.set()
         if self.inbox is not None:
@@ -263,7 +160,6 @@ class Daemon:
                 log.warning("job %s still learning at exit: it will be retried at the next start",
                             self.current_job)
                 self._release(self.current_job)
-        _CURRENT = None
         if self.agent is not None and (self._worker is None or not self._worker.is_alive()):
             self.agent.close()
         self.lock.release()
@@ -281,25 +177,6 @@ class Daemon:
             stream = logging.StreamHandler()
             stream.setFormatter(_OneLine("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             root.addHandler(stream)
-
-    def _start_scheduler(self) -> None:
-        from apscheduler.schedulers.background import BackgroundScheduler
-
-        self.scheduler = BackgroundScheduler(
-            jobstores={"default": job_store(self.state_dir)}, timezone=UTC,
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-        )
-        self.scheduler.start(paused=True)
-        for name, trig in self.schedules.items():
-            existing = self.scheduler.get_job(name)
-            if trig is None:
-                if existing is not None:
-                    existing.remove()
-                continue
-            if existing is not None and str(existing.trigger) == str(trig):
-                continue  # keep its persisted next run (and a pause)
-            self.scheduler.add_job(scheduled, trig, args=[name], id=name, name=name, replace_existing=True)
-        self.scheduler.resume()
 
     # -- intake ------------------------------------------------------------
     def take(self, path: Path, source: str = "inbox") -> Job | None:
@@ -382,12 +259,6 @@ class Daemon:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def queue_task(self, name: str, source: str) -> int:
-        job_id = self.queue.enqueue("task", name, source)
-        log.info("job %d: task %s queued (%s)", job_id, name, source)
-        self._wake.set()
-        return job_id
 
     # -- files of jobs ---------------------------------------------------------
     def _content(self, path: Path) -> bytes | None:
@@ -537,7 +408,14 @@ class Daemon:
         except Exception:  # the job is learned whatever happens here
             log.exception("the API could not switch to version %d; it serves the previous one", live.version)
 
-    # -- status --------------------------------------------------------------
+    # -- what the API reads ------------------------------------------------------
+    @property
+    def api(self) -> ApiConfig:
+        return self.cfg.api
+
+    def job(self, job_id: int) -> Job | None:
+        return self.queue.get(job_id)
+
     def status(self) -> dict[str, Any]:
         return status(self.agent, self.queue, self.cfg, pid=os.getpid(), current_job=self.current_job)
 
@@ -555,7 +433,7 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
                               "forgetting": {k: f.get(k) for k in ("replay_n", "before", "after", "decision")}
                               if f else None})
     bank = replay_counts(state)
-    last_round = rounds(agent, 1)
+    last_round = RoundLog(state).recent(1)
     try:
         next_runs = schedule_rows(cfg.state_dir)
     except Exception:  # noqa: BLE001 - status must work without the scheduler store

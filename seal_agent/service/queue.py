@@ -167,9 +167,6 @@ class JobQueue:
         rows = self.state.query("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued' AND kind = ?", (kind,))
         return rows[0]["n"]
 
-    def recent(self, limit: int = 20) -> list[Job]:
-        return [_job(r) for r in self.state.query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))]
-
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -37,9 +37,14 @@ def body_too_large(max_bytes: int) -> JSONResponse:
 
 
 def loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine's loopback interface: localhost,
-    127.0.0.0/8 or [::1], with or without a port."""
-    m = _HOST.fullmatch(host.strip())
+    """Whether a bind address or a Host header names this machine's loopback
+    interface: localhost, 127.0.0.0/8 or ::1 ([::1] in a header), with or without a port."""
+    host = host.strip()
+    try:
+        return ipaddress.ip_address(host).is_loopback  # a bare address, as a bind address is written
+    except ValueError:
+        pass
+    m = _HOST.fullmatch(host)
     if m is None:
         return False
     name = (m["v6"] or m["name"]).lower().removesuffix(".")

@@ -1,0 +1,142 @@
+"""Serving: the model that answers requests (`Served`), what the HTTP API
+needs from whatever runs behind it (`ServingBackend`: the daemon implements
+it), and a backend that only serves a model (`ServingOnly`).
+
+`Served` holds its own copy of the live weights, replaced atomically between
+requests when the learner commits a version, so answers keep flowing while an
+update trains and never come from a half-trained model. The API gets a
+backend, never the daemon (as vLLM's OpenAI server hands its routers a
+handler, not the engine); errors here say what to change, not an HTTP status.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Protocol
+
+import torch
+from jinja2 import TemplateError
+
+from ..config import ApiConfig, Config
+from ..errors import SealError
+from ..model.generation import Completion, Sampling, TextStream, complete, has_chat_template, render_chat
+from ..model.loader import answer_dtype
+from .queue import Job
+
+
+class Unservable(SealError):
+    """A request the model cannot answer as it is; `param` names the part to change."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class NotServed(SealError):
+    """What this backend does not do (documents and jobs, behind a model served alone)."""
+
+
+def _context(model, tokenizer) -> int | None:
+    """Tokens the model attends to, prompt and completion together: its position
+    table, or its tokenizer's limit where smaller (a tokenizer without one says 1e30)."""
+    limits = (getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
+    return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=None)
+
+
+class Served:
+    """The model that answers requests (a copy of the live weights) and its version."""
+
+    def __init__(self, model, tokenizer, version: int, use_chat: bool = True, dtype: torch.dtype = torch.float32):
+        self.model, self.tokenizer, self.version = model, tokenizer, version
+        self.use_chat = use_chat
+        self.dtype = dtype  # matmul dtype of its answers (model.answer_dtype)
+        self.context = _context(model, tokenizer)
+        self._swap = threading.Lock()
+        self._generate = threading.Lock()  # one generation at a time: two would fight for the cores
+
+    @classmethod
+    def from_config(cls, cfg: Config, model, tokenizer, version: int) -> Served:
+        """`model` served as the config says: chat template or not, the answering dtype."""
+        return cls(model, tokenizer, version, use_chat=cfg.model.use_chat_template, dtype=answer_dtype(cfg))
+
+    def swap(self, model, version: int) -> None:
+        with self._swap:
+            self.model, self.version = model, version
+
+    def current(self):
+        with self._swap:
+            return self.model, self.version
+
+    def prompt_for(self, messages: list[dict[str, str]]) -> str:
+        if self.use_chat and has_chat_template(self.tokenizer):
+            try:
+                return render_chat(self.tokenizer, messages)
+            except TemplateError as e:  # e.g. a template that wants user and assistant turns to alternate
+                raise Unservable(f"the model's chat template refused these messages: {e}", "messages") from None
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+    def prepare(self, prompt: str) -> tuple[str, int]:
+        """The prompt to generate from, and its length in tokens. An empty prompt
+        starts from the tokenizer's start token, as OpenAI's completions do: a
+        model cannot continue nothing."""
+        n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n:
+            return prompt, n
+        start = self.tokenizer.bos_token or self.tokenizer.eos_token
+        if start is None:
+            raise Unservable("the prompt is empty and this model's tokenizer has no start token to begin from: "
+                             "give some text", "prompt")
+        return start, 1
+
+    def complete(self, prompt: str, sampling: Sampling, n: int = 1, seed: int | None = None) -> list[Completion]:
+        model, _version = self.current()
+        with self._generate:
+            return complete(model, self.tokenizer, [prompt] * n, sampling, seed=seed, compute_dtype=self.dtype,
+                            batch_size=n)
+
+    def stream(self, prompt: str, sampling: Sampling, seed: int | None = None) -> TextStream:
+        model, _version = self.current()
+        return TextStream(model, self.tokenizer, prompt, sampling, lock=self._generate, compute_dtype=self.dtype,
+                          seed=seed)
+
+
+class ServingBackend(Protocol):
+    """What the HTTP API reads and calls; nothing else of what runs behind it."""
+
+    @property
+    def api(self) -> ApiConfig: ...
+
+    @property
+    def served(self) -> Served: ...
+
+    @property
+    def started(self) -> float: ...  # Unix time, the `created` of /v1/models
+
+    def submit(self, filename: str, data: bytes) -> Job:
+        """A posted document, taken for learning (SealError: refused, saying why)."""
+        ...
+
+    def job(self, job_id: int) -> Job | None: ...
+
+    def status(self) -> dict[str, Any]:
+        """What `seal-agent status --json` prints."""
+        ...
+
+
+class ServingOnly:
+    """A backend that serves a model and learns nothing (the benchmark's API
+    latency): documents and status are refused as not implemented, and it knows no job."""
+
+    def __init__(self, api: ApiConfig, served: Served):
+        self.api, self.served = api, served
+        self.started = time.time()
+
+    def submit(self, filename: str, data: bytes) -> Job:
+        raise NotServed("this server only serves a model: it learns no documents (`seal-agent run` does)")
+
+    def job(self, job_id: int) -> Job | None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        raise NotServed("this server only serves a model: it has no learning status (`seal-agent run` does)")
