@@ -4,7 +4,8 @@ The package is layered; each layer imports only the layers before it
 (tests/test_layers.py reads every import and fails on one that points up, or
 on a cycle):
 
-    errors, config       what every layer may use: user-facing errors, typed config
+    errors, config,      what every layer may use: user-facing errors, typed config,
+    progress             the progress callback long jobs report through
     documents, model/    files -> passages; transformers/peft mechanics
     policy               policy files -> prompts and training examples
     qa/                  asking questions, grading answers, writing questions
@@ -17,4 +18,12 @@ on a cycle):
     cli/                 the command line: parses, calls the library, renders
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Nothing is ever fetched from a model hub. Set here, the one place every entry
+# point (CLI, daemon, a Python caller, the tests) passes before transformers,
+# huggingface_hub or sentence-transformers is imported and reads it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

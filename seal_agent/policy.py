@@ -126,12 +126,20 @@ def split_items(completion: str, rules: ParseRules) -> list[str]:
 
 
 _NAME_OR_NUMBER = re.compile(r"\b(?:[A-Z][\w'-]*|\d[\d,.]*\d|\d)\b")
-_FUNCTION_WORDS = {
+# Words that are capitalized at times without naming anything: neither a name
+# for the grounding check nor an answer for the questions written for a passage.
+FUNCTION_WORDS = frozenset({
     "a", "an", "the", "this", "that", "these", "those", "it", "its", "he", "she", "they", "their", "his", "her",
     "in", "on", "at", "by", "for", "of", "to", "from", "with", "as", "and", "but", "or", "if", "when", "while",
-    "there", "here", "what", "who", "which", "where", "why", "how", "is", "are", "was", "were", "be", "not",
-    "no", "yes", "all", "some", "many", "most", "each", "every", "both", "one", "after", "before", "during",
-    "since", "although", "because", "so", "thus", "therefore", "however", "also", "such", "we", "i", "you",
+    "there", "here", "what", "who", "which", "where", "why", "how", "some", "many", "most", "each", "both",
+    "after", "before", "during", "since", "although", "because", "however", "also", "such", "we", "i", "you",
+})
+# What the grounding check never takes for a name: the function words, and the
+# words and connectives self-edits are written with ("Question 1:", "Yes, ...",
+# "Thus ..."). Those stay out of FUNCTION_WORDS: an answer span starting with
+# one is often a real name ("No Child Left Behind", "One True God").
+_NOT_NAMES = FUNCTION_WORDS | {
+    "is", "are", "was", "were", "be", "not", "no", "yes", "all", "every", "one", "so", "thus", "therefore",
     "question", "answer", "implication", "implications", "passage", "overall", "additionally", "furthermore",
 }
 
@@ -148,7 +156,7 @@ def ungrounded_terms(item: str, source: str) -> set[str]:
     missing = set()
     for m in _NAME_OR_NUMBER.finditer(body):
         term, word = m.group(), m.group().lower()
-        if word in _FUNCTION_WORDS or (term[0].isupper() and m.start() in starts):
+        if word in _NOT_NAMES or (term[0].isupper() and m.start() in starts):
             continue
         if term[0].isdigit():
             if term not in known_digits:
@@ -245,74 +253,13 @@ def _check_template(path: Path, key: str, template: str, required: set[str]) -> 
 
 
 def load_policy(path: Path) -> Policy:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"policy file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PolicyError(f"{path}: not valid TOML: {e}") from None
-    for section, known in _KNOWN.items():
-        table = data if not section else data.get(section, {})
-        if not isinstance(table, dict):
-            raise PolicyError(f"{path}: [{section}] must be a table")
-        for key in table:
-            if key not in known:
-                where = f"[{section}]" if section else "the top level"
-                raise PolicyError(f"{path}: unknown field '{key}' in {where}")
-
-    chat_system = _field(data, "chat.system", str, path, "")
-    chat_user = _field(data, "chat.user", str, path)
-    base_prompt = _field(data, "base.prompt", str, path)
-    for key, template in (("chat.system", chat_system), ("chat.user", chat_user), ("base.prompt", base_prompt)):
-        _check_template(path, key, template, set())
-    if "{passage}" not in chat_user and "{passage}" not in chat_system:
-        raise PolicyError(f"{path}: field 'chat.user' must contain {{passage}}")
-    if "{passage}" not in base_prompt:
-        raise PolicyError(f"{path}: field 'base.prompt' must contain {{passage}}")
-
-    sampling = Sampling(
-        max_new_tokens=_field(data, "sampling.max_new_tokens", int, path, 512),
-        temperature=_field(data, "sampling.temperature", float, path, 1.0),
-        top_p=_field(data, "sampling.top_p", float, path, 0.95),
-    )
-    if sampling.max_new_tokens <= 0:
-        raise PolicyError(f"{path}: field 'sampling.max_new_tokens' must be positive")
-    if sampling.temperature < 0:
-        raise PolicyError(f"{path}: field 'sampling.temperature' must be >= 0")
-    if not 0 < sampling.top_p <= 1:
-        raise PolicyError(f"{path}: field 'sampling.top_p' must be in (0, 1]")
-
-    defaults = ParseRules()
-    mode = _field(data, "parse.mode", str, path, defaults.mode)
-    if mode not in PARSE_MODES:
-        raise PolicyError(f"{path}: field 'parse.mode' must be one of {PARSE_MODES}, got {mode!r}")
-    qa_item_start = _field(data, "parse.qa_item_start", str, path, defaults.qa_item_start)
-    try:
-        re.compile(qa_item_start)
-    except re.error as e:
-        raise PolicyError(f"{path}: field 'parse.qa_item_start' is not a valid regex: {e}") from None
-    sequence_template = _field(data, "parse.sequence_template", str, path, defaults.sequence_template)
-    _check_template(path, "parse.sequence_template", sequence_template, {"item"})
-    if sequence_template.count("{item}") != 1:
-        raise PolicyError(f"{path}: field 'parse.sequence_template' must contain {{item}} exactly once")
-    parse = ParseRules(
-        mode=mode,
-        separator=_field(data, "parse.separator", str, path, defaults.separator),
-        drop_preamble=_field(data, "parse.drop_preamble", bool, path, defaults.drop_preamble),
-        qa_item_start=qa_item_start,
-        sequence_template=sequence_template,
-        min_item_chars=_field(data, "parse.min_item_chars", int, path, defaults.min_item_chars),
-        max_items=_field(data, "parse.max_items", int, path, defaults.max_items),
-        grounded_only=_field(data, "parse.grounded_only", bool, path, defaults.grounded_only),
-    )
-    qdefaults = QuestionRules()
-    qmode = _field(data, "questions.mode", str, path, qdefaults.mode)
-    if qmode not in QUESTION_MODES:
-        raise PolicyError(f"{path}: field 'questions.mode' must be one of {QUESTION_MODES}, got {qmode!r}")
-    cloze_template = _field(data, "questions.cloze_template", str, path, qdefaults.cloze_template)
-    _check_template(path, "questions.cloze_template", cloze_template, {"cloze"})
-    if "{cloze}" not in cloze_template:
-        raise PolicyError(f"{path}: field 'questions.cloze_template' must contain {{cloze}}")
+    """Read and validate a policy file; every error names the file and the field."""
+    data = _read_toml(path)
+    _check_known_fields(data, path)
+    chat_system, chat_user, base_prompt = _prompts(data, path)
+    sampling = _sampling(data, path)
+    parse = _parse_rules(data, path)
+    questions = _question_rules(data, path)
     name = _field(data, "name", str, path, path.stem)
     if name != path.stem:
         raise PolicyError(f"{path}: field 'name' is '{name}' but the file is {path.name}; they must match")
@@ -326,8 +273,96 @@ def load_policy(path: Path) -> Policy:
         sampling=sampling,
         parse=parse,
         path=path,
-        questions=QuestionRules(qmode, cloze_template),
+        questions=questions,
     )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PolicyError(f"policy file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"{path}: not valid TOML: {e}") from None
+
+
+def _check_known_fields(data: dict[str, Any], path: Path) -> None:
+    """A misspelt field would otherwise be ignored silently, its default used instead."""
+    for section, known in _KNOWN.items():
+        table = data if not section else data.get(section, {})
+        if not isinstance(table, dict):
+            raise PolicyError(f"{path}: [{section}] must be a table")
+        for key in table:
+            if key not in known:
+                where = f"[{section}]" if section else "the top level"
+                raise PolicyError(f"{path}: unknown field '{key}' in {where}")
+
+
+def _prompts(data: dict[str, Any], path: Path) -> tuple[str, str, str]:
+    """(chat.system, chat.user, base.prompt): valid templates, the passage in each prompt."""
+    chat_system = _field(data, "chat.system", str, path, "")
+    chat_user = _field(data, "chat.user", str, path)
+    base_prompt = _field(data, "base.prompt", str, path)
+    for key, template in (("chat.system", chat_system), ("chat.user", chat_user), ("base.prompt", base_prompt)):
+        _check_template(path, key, template, set())
+    if "{passage}" not in chat_user and "{passage}" not in chat_system:
+        raise PolicyError(f"{path}: field 'chat.user' must contain {{passage}}")
+    if "{passage}" not in base_prompt:
+        raise PolicyError(f"{path}: field 'base.prompt' must contain {{passage}}")
+    return chat_system, chat_user, base_prompt
+
+
+def _sampling(data: dict[str, Any], path: Path) -> Sampling:
+    sampling = Sampling(
+        max_new_tokens=_field(data, "sampling.max_new_tokens", int, path, 512),
+        temperature=_field(data, "sampling.temperature", float, path, 1.0),
+        top_p=_field(data, "sampling.top_p", float, path, 0.95),
+    )
+    if sampling.max_new_tokens <= 0:
+        raise PolicyError(f"{path}: field 'sampling.max_new_tokens' must be positive")
+    if sampling.temperature < 0:
+        raise PolicyError(f"{path}: field 'sampling.temperature' must be >= 0")
+    if not 0 < sampling.top_p <= 1:
+        raise PolicyError(f"{path}: field 'sampling.top_p' must be in (0, 1]")
+    return sampling
+
+
+def _parse_rules(data: dict[str, Any], path: Path) -> ParseRules:
+    defaults = ParseRules()
+    mode = _field(data, "parse.mode", str, path, defaults.mode)
+    if mode not in PARSE_MODES:
+        raise PolicyError(f"{path}: field 'parse.mode' must be one of {PARSE_MODES}, got {mode!r}")
+    qa_item_start = _field(data, "parse.qa_item_start", str, path, defaults.qa_item_start)
+    try:
+        re.compile(qa_item_start)
+    except re.error as e:
+        raise PolicyError(f"{path}: field 'parse.qa_item_start' is not a valid regex: {e}") from None
+    sequence_template = _field(data, "parse.sequence_template", str, path, defaults.sequence_template)
+    _check_template(path, "parse.sequence_template", sequence_template, {"item"})
+    if sequence_template.count("{item}") != 1:
+        raise PolicyError(f"{path}: field 'parse.sequence_template' must contain {{item}} exactly once")
+    return ParseRules(
+        mode=mode,
+        separator=_field(data, "parse.separator", str, path, defaults.separator),
+        drop_preamble=_field(data, "parse.drop_preamble", bool, path, defaults.drop_preamble),
+        qa_item_start=qa_item_start,
+        sequence_template=sequence_template,
+        min_item_chars=_field(data, "parse.min_item_chars", int, path, defaults.min_item_chars),
+        max_items=_field(data, "parse.max_items", int, path, defaults.max_items),
+        grounded_only=_field(data, "parse.grounded_only", bool, path, defaults.grounded_only),
+    )
+
+
+def _question_rules(data: dict[str, Any], path: Path) -> QuestionRules:
+    defaults = QuestionRules()
+    mode = _field(data, "questions.mode", str, path, defaults.mode)
+    if mode not in QUESTION_MODES:
+        raise PolicyError(f"{path}: field 'questions.mode' must be one of {QUESTION_MODES}, got {mode!r}")
+    cloze_template = _field(data, "questions.cloze_template", str, path, defaults.cloze_template)
+    _check_template(path, "questions.cloze_template", cloze_template, {"cloze"})
+    if "{cloze}" not in cloze_template:
+        raise PolicyError(f"{path}: field 'questions.cloze_template' must contain {{cloze}}")
+    return QuestionRules(mode, cloze_template)
 
 
 def available_policies(policy_dir: Path) -> list[str]:

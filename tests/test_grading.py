@@ -100,3 +100,28 @@ def test_judge_talks_to_an_openai_compatible_endpoint(monkeypatch):
 def test_judge_needs_configuration():
     with pytest.raises(SealError, match="judge.base_url"):
         Judge(JudgeConfig())
+
+
+def test_the_judge_is_shown_the_question_as_the_model_was_asked_it(tiny_model_dir, tiny_cfg):
+    import dataclasses
+
+    from seal_agent.documents import QA, Passage
+    from seal_agent.evaluation.ladder import Evaluator
+    from seal_agent.model.loader import load_model, load_tokenizer
+
+    class RecordingJudge:
+        def __init__(self):
+            self.seen = []
+
+        def grade(self, question, gold, prediction):
+            self.seen.append((question, gold))
+            return True
+
+    qa = dataclasses.replace(tiny_cfg.qa, question_template="About {title}: {question}", max_new_tokens=2)
+    cfg = dataclasses.replace(tiny_cfg, qa=qa)
+    judge = RecordingJudge()
+    evaluator = Evaluator(cfg, load_model(tiny_model_dir, cfg), load_tokenizer(tiny_model_dir), policy=None,
+                          judge=judge)
+    passage = Passage("Normans", "Rollo led the Norse raiders.", [QA("Who led them?", "Rollo")])
+    [record] = evaluator.answer(evaluator.model, [(0, passage)], "base")
+    assert judge.seen == [("About Normans: Who led them?", "Rollo")] and record.judge

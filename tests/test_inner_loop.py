@@ -234,7 +234,7 @@ def test_compiled_training_matches_eager_compiles_once_and_restores_the_blocks(t
 def test_training_falls_back_to_eager_when_compiling_fails(tiny, monkeypatch, caplog):
     """No working C++ compiler: a warning, the same adapter as eager training,
     and no further attempts in this process."""
-    monkeypatch.setattr(inner_loop, "_compile_failure", None)  # the process-wide flag, restored after
+    monkeypatch.setattr(inner_loop.COMPILATION, "failure", None)  # the process-wide fact, restored after
     model, tok = tiny
     recipe = {"epochs": 2, "lr": 1e-2, "seed": 0, "batch_size": 1, "pack_tokens": 0}
     pm = attach_lora(model, LoraConfig(r=4, alpha=8), seed=0)

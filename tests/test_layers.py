@@ -12,7 +12,7 @@ PACKAGE = Path(seal_agent.__file__).parent
 
 # Lowest first. A module may import its own layer and those listed before it.
 LAYERS = [
-    {"errors", "config"},
+    {"errors", "config", "progress"},
     {"documents", "model"},
     {"policy"},
     {"qa"},
@@ -115,3 +115,15 @@ def test_the_checker_sees_lazy_and_type_checking_imports(tmp_path):
     assert imports("seal_agent.qa.m", src, known) == set()  # relative to seal_agent.qa: .agent is qa.agent
     assert imports("seal_agent.m", src, known | {"seal_agent.m"}) == {"seal_agent.agent", "seal_agent.service",
                                                                        "seal_agent.service.daemon"}
+
+
+def test_the_http_api_never_reaches_the_daemon():
+    # routes get a serving backend (service.serving), as vLLM's routers get a handler, never the engine
+    g = graph()
+    seen, todo = set(), [n for n in g if n.startswith("seal_agent.service.api")]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(g.get(n, ()))
+    assert "seal_agent.service.daemon" not in seen

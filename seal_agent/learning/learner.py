@@ -21,6 +21,8 @@ For each passage (one update per passage, as in the paper):
      weights; the database records the new version, makes it live and adds
      the passage's QAs to the replay bank in one transaction.
 A diverged update (NaN/inf) is discarded and the live weights stay as they were.
+Each training attempt comes to an `Outcome`: accepted, retry (step 6's
+rehearsal), rejected-forgetting or diverged.
 QA accuracy is measured with no passage in context and the lexical grader; the
 gate needs only grades, so an answer stops once the grader has settled it
 correct (`qa.evaluate(until_correct=True)`: the grades of whole answers).
@@ -29,9 +31,9 @@ correct (`qa.evaluate(until_correct=True)`: the grades of whole answers).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,17 +47,12 @@ from ..memory.policy_versions import PolicyVersions
 from ..memory.replay import BankQA, NewQA, ReplayBank
 from ..memory.state import State, VersionRow, now
 from ..model.inner_loop import Example, Merged, TrainStats, compiles_next, train_adapter
-from ..model.loader import answer_dtype, generate_dtype, train_dtype
+from ..model.loader import compute_dtypes
 from ..policy import Policy
+from ..progress import Progress, no_progress
 from ..qa import answering as qa_mod
 from ..qa.writing import generate_qas
 from .self_edit import SelfEdit, from_text, write_for
-
-Progress = Callable[[str, dict[str, Any]], None]
-
-
-def _noop(_stage: str, _info: dict[str, Any]) -> None:
-    pass
 
 
 @dataclass
@@ -183,6 +180,48 @@ class DocumentReport:
         return out
 
 
+class Outcome(enum.Enum):
+    """What one training attempt comes to."""
+
+    ACCEPTED = "accepted"  # the check passed (or there was nothing to check, or the gate is off)
+    RETRY = "retry"  # it forgot too much; the next attempt rehearses what it forgot
+    REJECTED = "rejected-forgetting"  # it forgot too much, and no retry is left that would differ
+    DIVERGED = "diverged"  # the loss became NaN/inf: the adapter is dropped, the weights untouched
+
+
+@dataclass
+class Update:
+    """A passage's update in the making: what it trains on, what it is checked on."""
+
+    passage: Passage
+    index: int
+    doc_id: int
+    seed: int
+    edit: SelfEdit
+    edit_id: int  # the self-edit's row
+    new_qas: list[NewQA]  # the passage's QAs, for the replay bank
+    questions: list[qa_mod.Question]  # the same, as asked: the gain
+    replay: list[BankQA]  # the replay sample
+    nearest_ids: list[int]  # the replay QAs nearest to the passage
+    before: dict[int, bool]  # the live model's correctness on the replay sample
+
+
+@dataclass
+class Attempt:
+    """One training attempt and its check. Its candidate (None when diverged) is
+    merged into the live weights until it is kept or discarded."""
+
+    outcome: Outcome
+    number: int  # 1, 2, ...
+    candidate: Merged | None = None
+    stats: TrainStats | None = None
+    check: forgetting.Check | None = None  # None: nothing to replay
+    gain_after: list[qa_mod.Scored] = field(default_factory=list)
+    replay_after: list[tuple[int, bool, str]] = field(default_factory=list)  # (qa id, correct, prediction)
+    retry_rehearsal: list[Example] = field(default_factory=list)  # what the next attempt rehearses (RETRY)
+    error: TrainingDiverged | None = None  # DIVERGED
+
+
 class Learner:
     def __init__(self, cfg: Config, state: State, live: LiveModel, policy: Policy, bank: ReplayBank | None = None,
                  qa_policy: Policy | None = None, external: str | None = None,
@@ -197,9 +236,7 @@ class Learner:
         self.external = external
         # The promoted policy adapter writes the self-edits (None: the prompt alone).
         self.policy_versions = policy_versions
-        self.train_dtype = train_dtype(cfg)
-        self.generate_dtype = generate_dtype(cfg)  # writing self-edits and QAs
-        self.answer_dtype = answer_dtype(cfg)  # the gate's questions
+        self.dtypes = compute_dtypes(cfg)
 
     def read(self, path: Path) -> Document:
         tok = self.live.tokenizer
@@ -208,7 +245,7 @@ class Learner:
             self.cfg.split.max_tokens, self.cfg.split.min_tokens,
         )
 
-    def learn_file(self, path: Path, progress: Progress = _noop, max_passages: int | None = None,
+    def learn_file(self, path: Path, progress: Progress = no_progress, max_passages: int | None = None,
                    recorded_as: str | None = None) -> DocumentReport:
         """`recorded_as`: the path the document is known by when `path` is a copy of it
         (the daemon learns its queue's copy of an inbox file); default: `path` itself."""
@@ -245,7 +282,7 @@ class Learner:
     def _score(self, model, questions: list[qa_mod.Question]) -> list[qa_mod.Scored]:
         return qa_mod.evaluate(
             model, self.live.tokenizer, questions, self.cfg.qa,
-            use_chat=self.cfg.model.use_chat_template, compute_dtype=self.answer_dtype,
+            use_chat=self.cfg.model.use_chat_template, compute_dtype=self.dtypes.answer,
             until_correct=True,  # the gate needs grades: a correct answer ends at its gold
         )
 
@@ -292,7 +329,7 @@ class Learner:
         if todo:
             adapter = self.policy_versions.adapter_dir() if self.policy_versions else None
             written = write_for(self.live.model, self.live.tokenizer, self.policy, [passages[i] for i in todo],
-                                use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed,
+                                use_chat=self.cfg.model.use_chat_template, dtype=self.dtypes.generate, seed=seed,
                                 adapter=adapter, batch_size=self.cfg.policy.write_batch)
             edits.update(zip(todo, written))
         return [edits[i] for i in range(len(passages))]
@@ -313,7 +350,7 @@ class Learner:
         if not need:
             return
         gens = generate_qas(self.live.model, self.live.tokenizer, self.qa_policy, [p for p, _ in need], self.cfg.qa,
-                            use_chat=self.cfg.model.use_chat_template, dtype=self.generate_dtype, seed=seed,
+                            use_chat=self.cfg.model.use_chat_template, dtype=self.dtypes.generate, seed=seed,
                             max_qas=self.cfg.replay.max_qas)
         for (_, d), gen in zip(need, gens):
             d.qa_generated = {"generated": gen.generated, "grounded": gen.grounded, "kept": len(gen.kept)}
@@ -321,7 +358,7 @@ class Learner:
                 d.qa_source = "generated"
             d.qas = [NewQA(q, a, "generated") for q, a in gen.kept]
 
-    def learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress = _noop,
+    def learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress = no_progress,
                       draft: Draft | None = None) -> PassageReport:
         """Learn one passage (written now, unless its `draft` was written already);
         its report says how long each stage took (a stage runs from its progress
@@ -352,95 +389,106 @@ class Learner:
 
     def _learn_passage(self, passage: Passage, index: int, doc_id: int, progress: Progress,
                        draft: Draft | None) -> PassageReport:
+        """The algorithm: a passage already learned is a duplicate; otherwise its
+        update is prepared, trained and checked (retried while an attempt calls
+        for it), and then committed, rejected, or dropped as diverged."""
         t0 = time.perf_counter()
-        h = passage.hash
-        report = PassageReport(index=index, hash=h, status="failed", n_questions=len(passage.questions))
+        report = PassageReport(index=index, hash=passage.hash, status="failed", n_questions=len(passage.questions))
         learned = self.state.learned_passages(self.live.version)
-        if h in learned:
-            report.status, report.duplicate_of = "duplicate", learned[h]
-            self.state.set_passage_status(doc_id, index, "duplicate", learned[h])
-            self.state.event("learn.duplicate", f"passage {h[:12]} already learned in version {learned[h]}",
-                             version=learned[h], document_id=doc_id)
-            progress("duplicate", {"index": index, "version": learned[h]})
-            return report
-
-        seed = self._seed(h)
-        if draft is None:
-            [draft] = self._write([passage], [index], progress)
-        edit = draft.edit
-        edit_id = self.state.add_self_edit(h, doc_id, self._policy_label(), edit.prompt, edit.text, edit.n_items)
-        report.self_edit_chars, report.self_edit_items = len(edit.text), edit.n_items
-
-        new_qas = draft.qas
-        report.qa_source, report.qa_generated = draft.qa_source, draft.qa_generated
-        if self.bank is not None:
-            questions = [qa_mod.Question(q.question, q.answer, passage.title) for q in new_qas]
-        else:
-            questions = qa_mod.questions_of(passage.title, passage.questions)
-        report.n_questions = len(questions)
-        replay, nearest_ids, before, gain_before = self._before(passage, questions, progress, index)
-        report.qa_before = qa_mod.accuracy(gain_before)
-        rehearsal: list[Example] = []
-        if self.cfg.replay.rehearse_first and nearest_ids:
-            rehearsal = self._rehearsal([], nearest_ids, replay, len(edit.examples))
-        attempts, check, candidate, decision = 0, None, None, "accepted"
-        while True:
-            attempts += 1
-            progress("train", {"index": index, "examples": len(edit.examples) + len(rehearsal), "attempt": attempts,
-                               "compiles": compiles_next(self.cfg.train)})
-            try:
-                candidate, stats = train_adapter(
-                    self.live.model, self.live.tokenizer, edit.examples + rehearsal, self.cfg.lora, self.cfg.train,
-                    seed=seed + attempts - 1, compute_dtype=self.train_dtype,
-                    on_step=lambda step, total, loss: progress("step", {"step": step, "total": total, "loss": loss}),
-                )
-            except TrainingDiverged as e:
-                return self._diverged(e, report, edit_id, doc_id, index, progress, t0)
-            # Checked as it would be served: merged (undone exactly unless accepted).
-            candidate = Merged(candidate)
-            report.train = {**stats.as_dict(), "rehearsal_examples": len(rehearsal)}
-            try:
-                progress("replay" if replay else "qa-after", {"index": index, "n": len(replay), "attempt": attempts})
-                done, check, gain_after, check_after = self._check(
-                    candidate.peft_model, questions, replay, before, nearest_ids, report)
-            except BaseException:
-                candidate.discard()  # never leave an unchecked update on the live weights
-                raise
-            retry = None
-            if not done and self.cfg.replay.gate and attempts < self.cfg.replay.attempts:
-                retry = self._rehearsal(check.flipped, check.nearest_ids, replay, len(edit.examples))
-                if Counter(retry) == Counter(rehearsal):
-                    retry = None  # the same examples again: a retry would only draw another seed
-            if check is not None:
-                self._record_check(check, done, attempts, retry is not None, h, doc_id)
-            if done or not self.cfg.replay.gate:
-                break
-            if retry is None:
-                decision = "rejected"
-                break
-            candidate.discard()
-            rehearsal = retry
-        qa_text = {q.id: q.question for q in replay}
-        report.checked = check is not None or bool(questions)
-        report.forgetting = forgetting.summary(check, attempts, decision, qa_text) if self.bank is not None else None
-
-        if decision == "rejected":
-            candidate.discard()
-            return self._rejected(report, edit_id, doc_id, index, progress, t0)
+        if passage.hash in learned:
+            return self._duplicate(report, learned[passage.hash], doc_id, progress)
+        update = self._prepare(passage, index, doc_id, draft, report, progress)
+        attempt = self._attempts(update, report, progress)
+        if attempt.outcome is Outcome.DIVERGED:
+            return self._diverged(attempt.error, update, report, progress, t0)
+        report.checked = attempt.check is not None or bool(update.questions)
+        report.forgetting = self._forgetting(update, attempt)
+        if attempt.outcome is Outcome.REJECTED:
+            attempt.candidate.discard()
+            return self._rejected(update, report, progress, t0)
         progress("commit", {"index": index})
-        report.version = self._commit(
-            candidate, passage, doc_id, index, edit_id, edit.text, stats, report,
-            new_qas=new_qas, gain_after=gain_after, replay_after=check_after,
-        )
+        report.version = self._commit(update, attempt, report)
         report.status = "learned"
         report.seconds = time.perf_counter() - t0
         progress("learned", {"index": index, "version": report.version})
         return report
 
-    # -- the forgetting check --------------------------------------------
-    def _check(self, candidate, questions, replay, before, nearest_ids, report):
+    def _prepare(self, passage: Passage, index: int, doc_id: int, draft: Draft | None, report: PassageReport,
+                 progress: Progress) -> Update:
+        """The self-edit (written now unless drafted) recorded, the passage's
+        questions, the replay sample and the live model's answers to both."""
+        if draft is None:
+            [draft] = self._write([passage], [index], progress)
+        edit = draft.edit
+        edit_id = self.state.add_self_edit(passage.hash, doc_id, self._policy_label(), edit.prompt, edit.text,
+                                           edit.n_items)
+        report.self_edit_chars, report.self_edit_items = len(edit.text), edit.n_items
+        report.qa_source, report.qa_generated = draft.qa_source, draft.qa_generated
+        if self.bank is not None:
+            questions = [qa_mod.Question(q.question, q.answer, passage.title) for q in draft.qas]
+        else:
+            questions = qa_mod.questions_of(passage.title, passage.questions)
+        report.n_questions = len(questions)
+        replay, nearest_ids, before, gain_before = self._before(passage, questions, progress, index)
+        report.qa_before = qa_mod.accuracy(gain_before)
+        return Update(passage, index, doc_id, self._seed(passage.hash), edit, edit_id, draft.qas, questions,
+                      replay, nearest_ids, before)
+
+    # -- training and checking ---------------------------------------------
+    def _attempts(self, update: Update, report: PassageReport, progress: Progress) -> Attempt:
+        """Attempts until one is decided; a retry rehearses what the one before forgot."""
+        rehearsal: list[Example] = []
+        if self.cfg.replay.rehearse_first and update.nearest_ids:
+            rehearsal = self._rehearsal([], update.nearest_ids, update.replay, len(update.edit.examples))
+        attempt = self._attempt(update, 1, rehearsal, report, progress)
+        while attempt.outcome is Outcome.RETRY:
+            attempt.candidate.discard()
+            attempt = self._attempt(update, attempt.number + 1, attempt.retry_rehearsal, report, progress)
+        return attempt
+
+    def _attempt(self, update: Update, number: int, rehearsal: list[Example], report: PassageReport,
+                 progress: Progress) -> Attempt:
+        """Train once on the self-edit (and `rehearsal`), check the candidate as it
+        would be served, and decide. A check that raises leaves no adapter behind."""
+        examples = update.edit.examples + rehearsal
+        progress("train", {"index": update.index, "examples": len(examples), "attempt": number,
+                           "compiles": compiles_next(self.cfg.train)})
+        try:
+            trained, stats = train_adapter(
+                self.live.model, self.live.tokenizer, examples, self.cfg.lora, self.cfg.train,
+                seed=update.seed + number - 1, compute_dtype=self.dtypes.train,
+                on_step=lambda step, total, loss: progress("step", {"step": step, "total": total, "loss": loss}),
+            )
+        except TrainingDiverged as e:
+            return Attempt(Outcome.DIVERGED, number, error=e)
+        # Checked as it would be served: merged (undone exactly unless accepted).
+        candidate = Merged(trained)
+        report.train = {**stats.as_dict(), "rehearsal_examples": len(rehearsal)}
+        try:
+            progress("replay" if update.replay else "qa-after",
+                     {"index": update.index, "n": len(update.replay), "attempt": number})
+            passed, check, gain_after, replay_after = self._check(candidate.peft_model, update, report)
+        except BaseException:
+            candidate.discard()  # never leave an unchecked update on the live weights
+            raise
+        retry = None
+        if not passed and self.cfg.replay.gate and number < self.cfg.replay.attempts:
+            retry = self._rehearsal(check.flipped, check.nearest_ids, update.replay, len(update.edit.examples))
+            if Counter(retry) == Counter(rehearsal):
+                retry = None  # the same examples again: a retry would only draw another seed
+        if check is not None:
+            self._record_check(check, passed, number, retry is not None, update.passage.hash, update.doc_id)
+        if passed or not self.cfg.replay.gate:
+            outcome = Outcome.ACCEPTED
+        else:
+            outcome = Outcome.REJECTED if retry is None else Outcome.RETRY
+        return Attempt(outcome, number, candidate, stats, check, gain_after, replay_after, retry or [])
+
+    def _check(self, candidate, update: Update, report: PassageReport,
+               ) -> tuple[bool, forgetting.Check | None, list[qa_mod.Scored], list[tuple[int, bool, str]]]:
         """Score the candidate on the passage's QAs and the replay sample.
         Returns (passes, check, gain answers, replay answers)."""
+        questions, replay = update.questions, update.replay
         # One batched call for both: generation is cheaper per question in larger batches.
         scored = self._score(candidate, questions + [q.as_question() for q in replay])
         gain_after, after_scored = scored[: len(questions)], scored[len(questions):]
@@ -448,12 +496,19 @@ class Learner:
         if not replay:
             return True, None, gain_after, []
         check = forgetting.Check(
-            replay_ids=[q.id for q in replay], before=before,
-            after={q.id: s.correct for q, s in zip(replay, after_scored)}, nearest_ids=nearest_ids,
+            replay_ids=[q.id for q in replay], before=update.before,
+            after={q.id: s.correct for q, s in zip(replay, after_scored)}, nearest_ids=update.nearest_ids,
             gain_n=len(questions), gain_before=report.qa_before, gain_after=report.qa_after,
         )
         ok = forgetting.passes(check, self.cfg.replay.max_forgetting)
         return ok, check, gain_after, [(q.id, s.correct, s.prediction) for q, s in zip(replay, after_scored)]
+
+    def _forgetting(self, update: Update, attempt: Attempt) -> dict[str, Any] | None:
+        """The decided attempt's check as the report tells it (None without a replay bank)."""
+        if self.bank is None:
+            return None
+        decision = "rejected" if attempt.outcome is Outcome.REJECTED else "accepted"
+        return forgetting.summary(attempt.check, attempt.number, decision, {q.id: q.question for q in update.replay})
 
     def _record_check(self, check: forgetting.Check, ok: bool, attempt: int, retry: bool, h: str,
                       doc_id: int) -> None:
@@ -527,19 +582,27 @@ class Learner:
         examples = passages + items
         return examples[:budget]
 
-    def _diverged(self, e: TrainingDiverged, report: PassageReport, edit_id: int, doc_id: int, index: int,
-                  progress: Progress, t0: float) -> PassageReport:
+    # -- the outcomes ------------------------------------------------------
+    def _duplicate(self, report: PassageReport, version: int, doc_id: int, progress: Progress) -> PassageReport:
+        report.status, report.duplicate_of = "duplicate", version
+        self.state.set_passage_status(doc_id, report.index, "duplicate", version)
+        self.state.event("learn.duplicate", f"passage {report.hash[:12]} already learned in version {version}",
+                         version=version, document_id=doc_id)
+        progress("duplicate", {"index": report.index, "version": version})
+        return report
+
+    def _diverged(self, e: TrainingDiverged, update: Update, report: PassageReport, progress: Progress,
+                  t0: float) -> PassageReport:
         report.error = str(e)
-        self.state.set_self_edit_outcome(edit_id, "diverged")
-        self.state.set_passage_status(doc_id, index, "failed")
-        self.state.event("learn.diverged", str(e), version=self.live.version, document_id=doc_id,
+        self.state.set_self_edit_outcome(update.edit_id, "diverged")
+        self.state.set_passage_status(update.doc_id, update.index, "failed")
+        self.state.event("learn.diverged", str(e), version=self.live.version, document_id=update.doc_id,
                          data={"passage": report.hash})
-        progress("failed", {"index": index, "error": str(e)})
+        progress("failed", {"index": update.index, "error": str(e)})
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _rejected(self, report: PassageReport, edit_id: int, doc_id: int, index: int, progress: Progress,
-                  t0: float) -> PassageReport:
+    def _rejected(self, update: Update, report: PassageReport, progress: Progress, t0: float) -> PassageReport:
         f = report.forgetting or {}
         report.status = "rejected-forgetting"
         attempts = f.get("attempts") or 0
@@ -549,74 +612,35 @@ class Learner:
                         + (" (a retry would have rehearsed the same examples again)"
                            if attempts < self.cfg.replay.attempts else ""))
         with self.state.transaction() as c:
-            self.state.set_self_edit_outcome(edit_id, "rejected-forgetting", conn=c)
-            self.state.set_passage_status(doc_id, index, "rejected-forgetting", conn=c,
+            self.state.set_self_edit_outcome(update.edit_id, "rejected-forgetting", conn=c)
+            self.state.set_passage_status(update.doc_id, update.index, "rejected-forgetting", conn=c,
                                           info={"forgetting": f, "qa_generated": report.qa_generated})
             self.state.event("learn.rejected", f"passage {report.hash[:12]} rejected: {report.error}",
-                             version=self.live.version, document_id=doc_id, conn=c,
+                             version=self.live.version, document_id=update.doc_id, conn=c,
                              data={"passage": report.hash, "forgetting": f})
-        progress("rejected", {"index": index, "forgetting": f})
+        progress("rejected", {"index": update.index, "forgetting": f})
         report.seconds = time.perf_counter() - t0
         return report
 
     # -- commit ----------------------------------------------------------
-    def _commit(self, candidate: Merged, passage: Passage, doc_id: int, index: int, edit_id: int, text: str,
-                stats: TrainStats, report: PassageReport, *, new_qas: list[NewQA] = (),
-                gain_after: list[qa_mod.Scored] = (), replay_after: list[tuple[int, bool, str]] = ()) -> int:
-        parent = self.live.version
+    def _commit(self, update: Update, attempt: Attempt, report: PassageReport) -> int:
+        """Make the accepted candidate the next version, in a crash-safe order: its
+        adapter directory is complete and renamed into place before the database
+        commits the version, and the version is live only once that commit is
+        done (a directory the database never recorded is moved aside by the
+        next owner: live.discard_uncommitted)."""
+        candidate, parent = attempt.candidate, self.live.version
         version = max(self.state.max_version(), max(self.live.log.versions(), default=0)) + 1
-        manifest_base = {
-            "version": version,
-            "parent": parent,
-            "created_at": now(),
-            "document": {"id": doc_id, "path": self.state.document(doc_id)["path"]},
-            "passages": [{"hash": passage.hash, "title": passage.title, "index": index}],
-            "policy": self._policy_label(),
-            "self_edit": text,
-            "lora": to_dict(self.cfg.lora),
-            "train": {**to_dict(self.cfg.train), "dtype": str(self.train_dtype).removeprefix("torch.")},
-            "stats": stats.as_dict(),
-            "qa": {"before": report.qa_before, "after": report.qa_after, "n": report.n_questions}
-            if report.n_questions else None,
-            "forgetting": report.forgetting,
-        }
-        vectors = self.bank.embed(passage.title, list(new_qas)) if self.bank is not None and new_qas else None
-        fp: dict[str, str] = {}
-
-        def make_manifest() -> dict[str, Any]:
-            # Runs once the adapter files are saved: keep the merge, fingerprint the merged weights.
-            self.live.model = candidate.keep()
-            fp.update(fingerprints(self.live.model, self.live.tokenizer))
-            return {**manifest_base, "fingerprint": fp}
-
+        manifest = self._manifest(update, attempt, report, version, parent)
+        with_qas = self.bank is not None and update.new_qas
+        vectors = self.bank.embed(update.passage.title, list(update.new_qas)) if with_qas else None
         try:
-            self.live.log.write_version(version, lambda d: candidate.peft_model.save_pretrained(str(d)), make_manifest)
-            row = VersionRow(
-                version=version, parent=parent, created_at=manifest_base["created_at"], document_id=doc_id,
-                passage_hashes=[passage.hash], fingerprint=fp["weights"],
-                stats={k: manifest_base[k] for k in ("policy", "lora", "train", "stats", "qa", "forgetting")}
-                | {"logits_fingerprint": fp["logits"], "self_edit_id": edit_id},
-            )
-            with self.state.transaction() as c:
-                self.state.add_version(row, conn=c)
-                self.state.set_meta("live_version", str(version), conn=c)
-                self.state.set_passage_status(doc_id, index, "learned", version, conn=c,
-                                              info={"forgetting": report.forgetting,
-                                                    "qa_generated": report.qa_generated,
-                                                    "checked": report.checked})
-                self.state.set_self_edit_outcome(edit_id, "accepted", version, conn=c)
-                if self.bank is not None:
-                    ids = self.bank.add(list(new_qas), vectors, passage_hash=passage.hash, title=passage.title,
-                                        document_id=doc_id, version=version, conn=c) if new_qas else []
-                    # What the candidate answered is what this version knows
-                    # (it answered with these very merged weights).
-                    self.bank.record(version, [(i, s.correct, s.prediction) for i, s in zip(ids, gain_after)],
-                                     conn=c)
-                    self.bank.record(version, replay_after, conn=c)
-                self.state.event("learn.accepted", f"version {version}: learned passage {passage.hash[:12]}",
-                                 version=version, document_id=doc_id, conn=c,
-                                 data={"parent": parent, "qa": manifest_base["qa"], "loss": stats.final_loss,
-                                       "forgetting": report.forgetting})
+            with self.live.log.staging(version) as version_dir:
+                candidate.peft_model.save_pretrained(str(version_dir))
+                self.live.model = candidate.keep()  # the merge, for good: what is fingerprinted and served
+                fp = fingerprints(self.live.model, self.live.tokenizer)
+                self.live.log.write_manifest(version_dir, {**manifest, "fingerprint": fp})
+            self._record_version(update, attempt, report, manifest, fp, vectors)
         except BaseException:
             if candidate.kept:  # merged for good in memory but not recorded: rebuild the parent exactly
                 self.live.load(parent)
@@ -628,3 +652,56 @@ class Learner:
             self.bank.sync()
         self.live.snapshot_if_due()
         return version
+
+    def _manifest(self, update: Update, attempt: Attempt, report: PassageReport, version: int,
+                  parent: int) -> dict[str, Any]:
+        """What the version's directory says of it (its fingerprint is added once the merge is kept)."""
+        passage = update.passage
+        return {
+            "version": version,
+            "parent": parent,
+            "created_at": now(),
+            "document": {"id": update.doc_id, "path": self.state.document(update.doc_id)["path"]},
+            "passages": [{"hash": passage.hash, "title": passage.title, "index": update.index}],
+            "policy": self._policy_label(),
+            "self_edit": update.edit.text,
+            "lora": to_dict(self.cfg.lora),
+            "train": {**to_dict(self.cfg.train), "dtype": str(self.dtypes.train).removeprefix("torch.")},
+            "stats": attempt.stats.as_dict(),
+            "qa": {"before": report.qa_before, "after": report.qa_after, "n": report.n_questions}
+            if report.n_questions else None,
+            "forgetting": report.forgetting,
+        }
+
+    def _record_version(self, update: Update, attempt: Attempt, report: PassageReport, manifest: dict[str, Any],
+                        fp: dict[str, str], vectors) -> None:
+        """The database's half of the commit, one transaction: the version made
+        live, the passage and its self-edit marked, its QAs in the replay bank."""
+        version, doc_id, passage = manifest["version"], update.doc_id, update.passage
+        row = VersionRow(
+            version=version, parent=manifest["parent"], created_at=manifest["created_at"], document_id=doc_id,
+            passage_hashes=[passage.hash], fingerprint=fp["weights"],
+            stats={k: manifest[k] for k in ("policy", "lora", "train", "stats", "qa", "forgetting")}
+            | {"logits_fingerprint": fp["logits"], "self_edit_id": update.edit_id},
+        )
+        with self.state.transaction() as c:
+            self.state.add_version(row, conn=c)
+            self.state.set_meta("live_version", str(version), conn=c)
+            self.state.set_passage_status(doc_id, update.index, "learned", version, conn=c,
+                                          info={"forgetting": report.forgetting,
+                                                "qa_generated": report.qa_generated,
+                                                "checked": report.checked})
+            self.state.set_self_edit_outcome(update.edit_id, "accepted", version, conn=c)
+            if self.bank is not None:
+                new_qas = list(update.new_qas)
+                ids = self.bank.add(new_qas, vectors, passage_hash=passage.hash, title=passage.title,
+                                    document_id=doc_id, version=version, conn=c) if new_qas else []
+                # What the candidate answered is what this version knows
+                # (it answered with these very merged weights).
+                self.bank.record(version, [(i, s.correct, s.prediction) for i, s in zip(ids, attempt.gain_after)],
+                                 conn=c)
+                self.bank.record(version, attempt.replay_after, conn=c)
+            self.state.event("learn.accepted", f"version {version}: learned passage {passage.hash[:12]}",
+                             version=version, document_id=doc_id, conn=c,
+                             data={"parent": manifest["parent"], "qa": manifest["qa"],
+                                   "loss": attempt.stats.final_loss, "forgetting": report.forgetting})

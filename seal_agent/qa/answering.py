@@ -33,8 +33,13 @@ def questions_of(title: str, qas: list[QA], context: str = "") -> list[Question]
     return [Question(q.question, q.answer, title, context) for q in qas]
 
 
+def question_text(q: Question, cfg: QAConfig) -> str:
+    """The question as the model is asked it (`qa.question_template`), and as a judge is shown it."""
+    return cfg.question_template.format(title=q.title, question=q.question) if q.title else q.question
+
+
 def question_prompt(tokenizer, q: Question, cfg: QAConfig, use_chat: bool, in_context: bool = False) -> str:
-    text = cfg.question_template.format(title=q.title, question=q.question) if q.title else q.question
+    text = question_text(q, cfg)
     if in_context:
         text = cfg.context_template.format(title=q.title, passage=q.context) + text
     return render_prompt(

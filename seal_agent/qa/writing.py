@@ -24,7 +24,7 @@ from ..config import QAConfig
 from ..documents import Passage
 from ..model.generation import generate
 from ..model.precision import Precision
-from ..policy import Policy
+from ..policy import FUNCTION_WORDS, Policy
 from .answering import Question, evaluate
 from .grading import normalize_answer
 
@@ -34,12 +34,6 @@ _MONTH = r"(?:January|February|March|April|May|June|July|August|September|Octobe
 _DATE = re.compile(rf"{_MONTH}\s+\d{{1,2}}(?:,\s*\d{{4}})?|\d{{1,2}}\s+{_MONTH}(?:\s+\d{{4}})?|{_MONTH}\s+\d{{4}}")
 _NAME = re.compile(r"[A-Z][\w-]*(?:\s+(?:(?:of|the|de|du|da|von|van|la|le|al)\s+)*[A-Z][\w-]*)*")
 _NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?(?:st|nd|rd|th)?(?:\s*(?:%|percent|million|billion|thousand))?")
-_NOT_ANSWERS = {
-    "a", "an", "the", "this", "that", "these", "those", "it", "its", "he", "she", "they", "their", "his", "her",
-    "in", "on", "at", "by", "for", "of", "to", "from", "with", "as", "and", "but", "or", "if", "when", "while",
-    "there", "here", "what", "who", "which", "where", "why", "how", "after", "before", "during", "since",
-    "although", "because", "however", "also", "such", "we", "i", "you", "many", "most", "some", "each", "both",
-}
 _QUESTION_PREFIX = re.compile(r"^\s*(?:\*\*)?(?:question|q)\s*\d*\s*[:.]\s*(?:\*\*)?\s*", re.IGNORECASE)
 
 
@@ -73,10 +67,10 @@ def answer_spans(text: str, title: str = "", limit: int = 16) -> list[tuple[str,
                 continue
             span = m.group().strip(" ,.")
             words = span.split()
-            if not span or (len(words) == 1 and (span.lower() in _NOT_ANSWERS
+            if not span or (len(words) == 1 and (span.lower() in FUNCTION_WORDS
                                                  or (m.start() == 0 and not span[0].isdigit()))):
                 continue
-            if words[0].lower() in _NOT_ANSWERS and len(words) > 1:
+            if words[0].lower() in FUNCTION_WORDS and len(words) > 1:
                 span = " ".join(words[1:])  # "The Normans" at a sentence start -> "Normans"
             key = normalize_answer(span)
             if key and key not in seen:
@@ -90,10 +84,6 @@ def answer_spans(text: str, title: str = "", limit: int = 16) -> list[tuple[str,
             if spans and len(out) < limit:
                 out.append(spans.pop(0))
     return out
-
-
-def answer_candidates(text: str, title: str = "", limit: int = 16) -> list[str]:
-    return [span for span, _ in answer_spans(text, title, limit)]
 
 
 def cloze(sentence: str, answer: str) -> str:
