@@ -42,7 +42,7 @@ class ModelConfig:
     # weights would round small deltas away.
     dtype: str = "float32"
     # Matmul dtype of the inner loop: "auto" = bfloat16 where the CPU has native
-    # bf16 support (1.3x faster here, learns as well), else float32.
+    # bf16 support (faster, and learns as well: BENCHMARKS.md), else float32.
     train_dtype: str = "auto"
     # Matmul dtype for writing: self-edits, model-written QAs, ReSTEM's samples.
     # "auto" = bfloat16 where the CPU has it natively; the fp32 weights are held
@@ -55,8 +55,8 @@ class ModelConfig:
     # answers change with the batch's shape and between a LoRA candidate and its
     # merged weights, enough to flip greedy answers (BENCHMARKS.md).
     answer_dtype: str = "float32"
-    # Attention kernel: "eager" (plain matmuls) trains ~20% faster on this CPU
-    # than torch's CPU flash attention ("sdpa") for rows of a few hundred tokens;
+    # Attention kernel: "eager" (plain matmuls) trains faster on CPU than torch's
+    # CPU flash attention ("sdpa") for rows of a few hundred tokens (BENCHMARKS.md);
     # without gradients it reads the key/value cache in place (model/attention.py).
     attn_implementation: str = "eager"
     # Torch intra-op threads; 0 = torch's default (one per core).
@@ -74,9 +74,8 @@ class PolicyConfig:
     dir: str = "policies"
     # Passages of a document whose self-edits (and model-written questions) are
     # written in one batch, by the version live when the batch starts: a decoding
-    # step for several rows costs little more than for one (3 passages' self-edits
-    # in 19 s instead of 38 s one by one; BENCHMARKS.md). 1 = each passage written
-    # just before it is learned.
+    # step for several rows costs little more than for one (BENCHMARKS.md). 1 =
+    # each passage written just before it is learned.
     write_batch: int = 8
 
 
@@ -103,7 +102,7 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     # The defaults learn as well as the paper's recipe (batch 1, lr 1e-3, no
-    # packing) or better, 2.5x faster on this CPU (BENCHMARKS.md).
+    # packing) or better, in less time (BENCHMARKS.md).
     epochs: int = 10
     lr: float = 3e-3
     # Rows per optimizer step: examples, or packed rows when pack_tokens > 0.
@@ -124,10 +123,10 @@ class TrainConfig:
     warmup_steps: int = 0
     seed: int = 0
     # Compile the model's repeated blocks (torch.compile) for training: fuses
-    # the many small ops between the matmuls; ~1.5x faster per update on 2
-    # cores (BENCHMARKS.md). Compiling costs ~110 s the first time on a
-    # machine (then cached on disk: ~20 s once per process). Falls back to
-    # eager, with a warning, where compiling fails (e.g. no C++ compiler).
+    # the many small ops between the matmuls, so updates are faster. The first
+    # update of a process pays the compile, longest on a machine's very first
+    # (then inductor's cache on disk shortens it; BENCHMARKS.md has the figures).
+    # Falls back to eager, with a warning, where compiling fails (e.g. no C++ compiler).
     compile: bool = True
 
 
@@ -147,8 +146,8 @@ class QAConfig:
     grader: str = "contains"
     f1_threshold: float = 0.5
     max_new_tokens: int = 64
-    # Questions answered per batched generate call (on CPU, 24 questions in one
-    # batch take 0.6x the time of three batches of 8).
+    # Questions answered per batched generate call: one large batch takes less
+    # time than several small ones, fewer decoding steps in all (BENCHMARKS.md).
     batch_size: int = 32
 
 
@@ -160,6 +159,13 @@ class JudgeConfig:
     # Name of the environment variable holding the API key.
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = 60.0
+
+
+@dataclass
+class EvalConfig:
+    # SQuAD-style JSON/JSONL that `eval squad/cpt/continual` read when no --data
+    # is given. Relative: to the directory of config.toml. "" = none: pass --data.
+    data: str = ""
 
 
 @dataclass
@@ -185,8 +191,8 @@ class ReplayConfig:
     # Training attempts per update (the retries rehearse what the last one forgot;
     # none is made that would train on the same examples again). 1: an update
     # that forgets is rejected after its first attempt; with rehearse_first no
-    # retry measured passed (0 of 13, BENCHMARKS.md), each cost a second update
-    # and check. With rehearse_first = false, 2 (only retries rehearse).
+    # measured retry passed (BENCHMARKS.md), and each costs a second update and
+    # check. With rehearse_first = false, 2 (only retries rehearse).
     attempts: int = 1
     # Rehearsal sequences (passages and self-edits behind the flipped and
     # nearest QAs) per training sequence of the update.
@@ -194,8 +200,8 @@ class ReplayConfig:
     rehearsal_passages: int = 4
     # true: the first attempt already rehearses the passages behind the nearest
     # replay QAs; false: the first attempt is plain, only a retry rehearses.
-    # On 8 passages in sequence: same 4 accepted, each in one attempt instead of
-    # two, more retained at the end (BENCHMARKS.md).
+    # Passages learned in sequence measured the same updates accepted, in fewer
+    # attempts, and more retained at the end (BENCHMARKS.md).
     rehearse_first: bool = True
 
 
@@ -307,6 +313,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     qa: QAConfig = field(default_factory=QAConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     inbox: InboxConfig = field(default_factory=InboxConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -328,6 +335,10 @@ class Config:
     @property
     def policy_dir(self) -> Path:
         return _resolve(self.root, self.policy.dir)
+
+    @property
+    def eval_data(self) -> Path | None:
+        return _resolve(self.root, self.eval.data) if self.eval.data else None
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

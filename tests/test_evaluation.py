@@ -122,3 +122,63 @@ def test_in_context_prompt_carries_the_passage(tiny_model_dir):
     open_book = question_prompt(tok, q, QAConfig(), use_chat=True, in_context=True)
     assert "Rollo led" not in closed and "Topic: Normans\nWho led them?" in closed
     assert "Passage:\nNormans\nRollo led the Norse raiders.\n\nTopic: Normans\nWho led them?" in open_book
+
+
+def test_eval_data_comes_from_the_config_not_a_path_in_the_code(tiny_config, eval_file, tmp_path):
+    path, _ = eval_file
+    r = run("--config", tiny_config, "eval", "squad")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1
+    assert "no evaluation data: pass --data FILE (SQuAD-style JSON) or set eval.data" in r.stderr
+    r = run("--config", tiny_config, "--set", "eval.data=missing.json", "eval", "continual")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1
+    assert f"{tmp_path / 'missing.json'} (eval.data) does not exist; pass --data FILE or set eval.data" in r.stderr
+    r = run("--config", tiny_config, "--set", f"eval.data={path.name}", "eval", "cpt", "--conditions", "base",
+            "--json", "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["data"] == str(path)
+
+
+def test_continual_checks_its_self_edits_before_any_work(tiny_cfg, eval_file, tmp_path):
+    from seal_agent.evaluation.continual import evaluate_continual
+
+    path, _ = eval_file
+    with pytest.raises(SealError, match="--self-edits must be 'self' or external:<name>, got 'magic'"):
+        evaluate_continual(tiny_cfg, data=path, n=2, self_edits="magic", out_dir=tmp_path / "c")
+    with pytest.raises(SealError, match=r"dev\.json: passage\(s\) \[0, 1\] carry no external self-edit 'claude' "
+                                        r"\(the data has: gpt-4.1, seal-qwen2.5-7b-iter2\)"):
+        evaluate_continual(tiny_cfg, data=path, n=2, self_edits="external:claude", out_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_policy_adapter_for_the_self_condition(tmp_path):
+    from seal_agent.evaluation.ladder import policy_adapter_for
+
+    class Versions:  # policy version 2 promoted
+        def active(self):
+            return 2
+
+        def adapter_dir(self, v):
+            return None if v == 0 else tmp_path / f"v{v}"
+
+        def label(self, v):
+            return "p" if v == 0 else f"p@v{v}"
+
+    v, candidate = Versions(), tmp_path / "candidate"
+    assert policy_adapter_for(v, None, None) == (tmp_path / "v2", "p@v2")
+    assert policy_adapter_for(v, 0, None) == (None, "p")
+    assert policy_adapter_for(v, 1, None) == (tmp_path / "v1", "p@v1")
+    assert policy_adapter_for(v, None, candidate) == (candidate, str(candidate))
+    with pytest.raises(SealError, match="give --policy-version or --policy-adapter, not both"):
+        policy_adapter_for(v, 0, candidate)
+
+
+def test_scratch_config_moves_the_state_and_keeps_the_base_conversion(tmp_path):
+    from seal_agent.config import Config
+    from seal_agent.evaluation.scratch import scratch_config
+
+    cfg = Config(root=tmp_path)
+    s = scratch_config(cfg, tmp_path / "scratch", replay={"gate": False}, split={"max_tokens": 160})
+    assert s.state_dir == tmp_path / "scratch" and s.state_path("database") == tmp_path / "scratch" / "state" / "seal.db"
+    assert s.state_path("models") == cfg.state_path("models")
+    assert (s.replay.gate, s.split.max_tokens) == (False, 160) and (cfg.replay.gate, cfg.split.max_tokens) == (True, 400)
+    assert s.train == cfg.train and s.split.min_tokens == cfg.split.min_tokens

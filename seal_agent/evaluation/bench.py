@@ -39,6 +39,7 @@ from ..model.inner_loop import Example, attach_lora, compile_failure, tokenize, 
 from ..model.loader import answer_dtype, generate_dtype, load_model, load_tokenizer, resolve_base, train_dtype
 from ..model.precision import ByRows, Precision, batch_dtype
 from ..policy import Policy
+from .scratch import scratch_config
 
 BENCH_TITLE = "The Zorblax Prize"
 BENCH_PASSAGE = (
@@ -227,7 +228,7 @@ def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8
     return out
 
 
-def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
+def ingest(cfg: Config) -> dict[str, Any]:
     """`learn` on a small three-passage document in a scratch state directory:
     a new passage; a near copy of it about another prize (its first update
     tends to overwrite the first passage's answers: the forgetting gate's
@@ -238,10 +239,7 @@ def ingest(cfg: Config, models_dir: Path) -> dict[str, Any]:
         doc = Path(tmp) / "zorblax.md"
         doc.write_text(f"# {BENCH_TITLE}\n\n{BENCH_PASSAGE}\n\n" + BENCH_PASSAGE.replace("Zorblax", "Quillon")
                        + f"\n\n{BENCH_PASSAGE_2}\n")
-        scratch = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, state_dir=str(Path(tmp) / "state"),
-                                                                    models=str(models_dir)),
-                                      split=dataclasses.replace(cfg.split, max_tokens=160))
-        agent = SealAgent(scratch)
+        agent = SealAgent(scratch_config(cfg, Path(tmp) / "state", split={"max_tokens": 160}))
         try:
             agent.live  # load the model outside the timed part
             t0 = time.perf_counter()
@@ -270,18 +268,42 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
     base_dir = resolve_base(cfg)
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, cfg)
-    n_params = _n_params(model)
     examples = bench_examples(policy)
-    result: dict[str, Any] = {"model": cfg.model.base, "params": n_params, "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {"model": cfg.model.base, "params": _n_params(model), "threads": torch.get_num_threads()}
 
     part("matmul peak ...")
     peak = {"fp32": round(gemm_gflops(torch.float32), 1), "bf16": round(bf16_peak(peak_sizes), 1)}
     result["gemm_gflops"] = peak
+    runs = inner_loop_runs(model, tokenizer, examples, cfg, part, seal_steps)
+    # This machine's speed drifts from minute to minute: the bf16 peak is the
+    # best of before and after the inner-loop runs (the fraction errs low).
+    peak["bf16_before_after"] = [peak["bf16"], round(bf16_peak(peak_sizes), 1)]
+    peak["bf16"] = max(peak["bf16_before_after"])
+    result.update(inner_loop_figures(runs, cfg, len(examples), result["params"], peak["bf16"]))
+    part("self-edit generation ...")
+    result.update(generation_speeds(model, tokenizer, policy, cfg))
+    part("QA evaluation ...")
+    result["qa"] = qa_speed(model, tokenizer, cfg)
+    del model
+    gc.collect()
+    part("replay search (FAISS) ...")
+    result["replay_search"] = replay_search(replay_sizes)
+    part("end-to-end ingest ...")
+    result["ingest"] = ingest(cfg)
+    part("query latency through the API, learner idle vs training ...")
+    result["query_latency"] = query_latency(cfg, policy, requests=query_requests)
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    return result
 
+
+def inner_loop_runs(model, tokenizer, examples: list[Example], cfg: Config, part: Callable[[str], None],
+                    seal_steps: int) -> dict[str, dict[str, Any] | None]:
+    """One update each, side by side: ours (when compiled: the process's first update, which
+    compiles, then a compiled and an uncompiled one), the Trainer reference, the SEAL authors' setup."""
     part("inner loop: seal-agent ...")
     mine = ours(model, tokenizer, examples, cfg)
     first = eager = None
-    if cfg.train.compile:  # the first update compiled the blocks; side by side: compiled vs not
+    if cfg.train.compile:
         part("inner loop: seal-agent compiled, then uncompiled ...")
         first, mine = mine, ours(model, tokenizer, examples, cfg)
         eager = ours(model, tokenizer, examples,
@@ -290,19 +312,23 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
     ref = trainer_reference(model, tokenizer, examples, cfg)
     part(f"inner loop: SEAL authors' setup (padded to 2048; {seal_steps} steps, extrapolated) ...")
     seal = trainer_reference(model, tokenizer, examples, cfg, pad_to=2048, max_steps=seal_steps)
-    for r in (mine, ref, seal, first, eager):
-        if r is None:
-            continue
-        r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
-        r["seconds"] = round(r["seconds"], 2)
-    # This machine's speed drifts from minute to minute: the bf16 peak is the
-    # best of before and after the inner-loop runs (the fraction errs low).
-    peak["bf16_before_after"] = [peak["bf16"], round(bf16_peak(peak_sizes), 1)]
-    peak["bf16"] = max(peak["bf16_before_after"])
+    runs = {"ours": mine, "trainer_reference": ref, "seal_reference": seal, "ours_first_update": first,
+            "ours_uncompiled": eager}
+    for r in runs.values():
+        if r is not None:
+            r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
+            r["seconds"] = round(r["seconds"], 2)
+    return runs
+
+
+def inner_loop_figures(runs: dict[str, dict[str, Any] | None], cfg: Config, examples: int, n_params: int,
+                       bf16_peak_gflops: float) -> dict[str, Any]:
+    """The runs with their recipes, and what they say: speedups, achieved GFLOP/s, fraction of the peak."""
+    mine, ref, seal, eager = runs["ours"], runs["trainer_reference"], runs["seal_reference"], runs["ours_uncompiled"]
     achieved = 4 * n_params * mine["tokens"] / mine["seconds"] / 1e9
     peak_dtype = "bf16" if train_dtype(cfg) == torch.bfloat16 else "fp32"
-    result["inner_loop"] = {
-        "examples": len(examples),
+    out: dict[str, Any] = {"inner_loop": {
+        "examples": examples,
         "ours": {**mine, "recipe": {"lora": dataclasses.asdict(cfg.lora), "train": dataclasses.asdict(cfg.train),
                                     "dtype": str(train_dtype(cfg)).removeprefix("torch.")}},
         "trainer_reference": {**ref, "recipe": {**PAPER_LORA_RECIPE, **PAPER_TRAIN_RECIPE, "dtype": "float32",
@@ -310,37 +336,29 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
         "seal_reference": seal,
         "achieved_gflops": round(achieved, 1),
         "compiled": cfg.train.compile and compile_failure() is None,
-    }
+    }}
     if eager is not None:
-        result["inner_loop"].update(ours_first_update=first, ours_uncompiled=eager)
-        result["compile_speedup"] = round(eager["seconds"] / mine["seconds"], 2)
-    result["inner_loop_speedup"] = round(ref["seconds"] / mine["seconds"], 2)
-    result["inner_loop_speedup_vs_seal"] = round(seal["seconds"] / mine["seconds"], 1)
-    result["inner_loop_peak_fraction"] = round(achieved / peak["bf16"], 3)
-    result["inner_loop_peak_fraction_of"] = f"bf16 GEMM peak (ours runs {peak_dtype})"
+        out["inner_loop"].update(ours_first_update=runs["ours_first_update"], ours_uncompiled=eager)
+        out["compile_speedup"] = round(eager["seconds"] / mine["seconds"], 2)
+    out["inner_loop_speedup"] = round(ref["seconds"] / mine["seconds"], 2)
+    out["inner_loop_speedup_vs_seal"] = round(seal["seconds"] / mine["seconds"], 1)
+    out["inner_loop_peak_fraction"] = round(achieved / bf16_peak_gflops, 3)
+    out["inner_loop_peak_fraction_of"] = f"bf16 GEMM peak (ours runs {peak_dtype})"
+    return out
 
-    part("self-edit generation ...")
+
+def generation_speeds(model, tokenizer, policy: Policy, cfg: Config) -> dict[str, Any]:
+    """Self-edit writing in the configured dtype, and beside it what the other dtype would do."""
     writing = generate_dtype(cfg)
-    result["generation"] = {**generation_speed(model, tokenizer, policy, cfg, writing),
-                            "dtype": str(writing).removeprefix("torch.")}
+    out = {"generation": {**generation_speed(model, tokenizer, policy, cfg, writing),
+                          "dtype": str(writing).removeprefix("torch.")}}
     # side by side: what holding the weights in bf16 buys, at the sizes written in bf16
     bf16_batches = tuple(b for b in (1, 8) if batch_dtype(writing, b) != torch.float32)
     if bf16_batches:
-        result["generation_fp32"] = generation_speed(model, tokenizer, policy, cfg, torch.float32, bf16_batches)
+        out["generation_fp32"] = generation_speed(model, tokenizer, policy, cfg, torch.float32, bf16_batches)
     if isinstance(writing, ByRows):  # and bf16 unbatched, which the rule writes in fp32
-        result["generation_bf16"] = generation_speed(model, tokenizer, policy, cfg, writing.dtype, batches=(1,))
-    part("QA evaluation ...")
-    result["qa"] = qa_speed(model, tokenizer, cfg)
-    del model
-    gc.collect()
-    part("replay search (FAISS) ...")
-    result["replay_search"] = replay_search(replay_sizes)
-    part("end-to-end ingest ...")
-    result["ingest"] = ingest(cfg, base_dir.parent)
-    part("query latency through the API, learner idle vs training ...")
-    result["query_latency"] = query_latency(cfg, policy, requests=query_requests)
-    result["seconds"] = round(time.perf_counter() - t_start, 1)
-    return result
+        out["generation_bf16"] = generation_speed(model, tokenizer, policy, cfg, writing.dtype, batches=(1,))
+    return out
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -397,23 +415,21 @@ def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: i
     import copy
     import socket
     import threading
-    import types
 
     import openai
     import uvicorn
 
-    from ..service.api.app import Served, build_app
+    from ..service.api.app import build_app
+    from ..service.serving import Served, ServingOnly
 
     base_dir = resolve_base(cfg)
     tokenizer = load_tokenizer(base_dir)
     live = load_model(base_dir, cfg)
-    served = Served(copy.deepcopy(live), tokenizer, 0, use_chat=cfg.model.use_chat_template,
-                    dtype=answer_dtype(cfg))
-    daemon = types.SimpleNamespace(cfg=cfg, served=served, started=time.time(), queue=None)
+    backend = ServingOnly(cfg.api, Served.from_config(cfg, copy.deepcopy(live), tokenizer, 0))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(daemon), host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

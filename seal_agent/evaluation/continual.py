@@ -5,7 +5,8 @@ into a fresh state directory; after each step the live model answers the
 questions of every passage learned so far (no passage in context). The result
 is the lower-triangular matrix acc[step][passage] (row 0: the base model), and
 its summary: how much of what was learned right after each step is still
-there at the end.
+there at the end. `evaluate_continual` is the whole job the CLI calls: the
+inputs checked, the run in its own folder, the result and its heatmap written.
 """
 
 from __future__ import annotations
@@ -13,20 +14,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..documents import Passage
-from ..model.loader import answer_dtype
+from ..errors import SealError
+from ..model.loader import answer_dtype, resolve_base
+from ..progress import Progress, no_progress
 from ..qa import answering as qa_mod
-
-Progress = Callable[[str, dict[str, Any]], None]
-
-
-def _ignore(_stage: str, _info: dict[str, Any]) -> None:
-    pass
+from .conditions import EXTERNAL, require_external
+from .ladder import eval_passages
+from .scratch import scratch_config
 
 
 def summarize(matrix: list[list[float | None]]) -> dict[str, Any]:
@@ -58,14 +58,10 @@ def summarize(matrix: list[list[float | None]]) -> dict[str, Any]:
 
 
 def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir: Path, external: str | None,
-                  progress: Progress = _ignore) -> dict[str, Any]:
+                  progress: Progress = no_progress) -> dict[str, Any]:
     from ..agent import SealAgent
 
-    run_cfg = dataclasses.replace(
-        cfg,
-        paths=dataclasses.replace(cfg.paths, state_dir=str(state_dir), models=str(cfg.state_path("models"))),
-        replay=dataclasses.replace(cfg.replay, gate=gate),
-    )
+    run_cfg = scratch_config(cfg, state_dir, replay={"gate": gate})
     docs = state_dir / "documents"
     docs.mkdir(parents=True, exist_ok=True)
     agent = SealAgent(run_cfg)
@@ -115,6 +111,36 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
         "rejected": sum(s["status"] == "rejected-forgetting" for s in steps),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def evaluate_continual(cfg: Config, *, data: Path | None = None, n: int = 8, gate: bool = True,
+                       self_edits: str = "self", out_dir: Path | None = None,
+                       progress: Progress = no_progress) -> tuple[dict[str, Any], dict[str, Path]]:
+    """`eval continual`: the first `n` passages of `data` (default eval.data) learned in sequence, in a state
+    directory of its own under `out_dir` (default STATE/state/eval/continual-TIME); writes the result and
+    its heatmap there and returns them with their paths."""
+    data, passages = eval_passages(cfg, data, n)
+    passages = passages[:n]
+    external = None
+    if self_edits != "self":
+        if not self_edits.startswith(EXTERNAL):
+            raise SealError(f"--self-edits must be 'self' or external:<name>, got '{self_edits}'")
+        external = self_edits.removeprefix(EXTERNAL)
+        require_external(passages, external, str(data))
+    out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"continual-{datetime.now():%Y%m%d-%H%M%S}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    switch = "on" if gate else "off"
+    state_dir = out_dir / f"state-gate-{switch}"
+    if state_dir.exists() and any(state_dir.iterdir()):
+        raise SealError(f"{state_dir} already holds a run; choose another --out")
+    resolve_base(cfg)  # converted once into the configured state directory, shared by the run's
+    result = run_continual(cfg, passages, gate=gate, state_dir=state_dir, external=external, progress=progress)
+    result["data"] = str(data)
+    files = {"result": out_dir / f"continual-gate-{switch}.json", "heatmap": out_dir / f"heatmap-gate-{switch}.png"}
+    files["result"].write_text(json.dumps(result, indent=2), encoding="utf-8")
+    heatmap(result, files["heatmap"],
+            f"seal-agent eval continual: {n} passages, gate {switch}, self-edits {result['self_edits']}")
+    return result, files
 
 
 def heatmap(result: dict[str, Any], path: Path, title: str) -> None:

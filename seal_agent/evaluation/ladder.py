@@ -15,7 +15,8 @@ answered without the passage in context:
 training data of N passages together, then all their questions.
 
 Scoring is pure logic (Wilson intervals, tallies) apart from the model work,
-so it is unit-tested on its own.
+so it is unit-tested on its own. `run_ladder` is the whole job the CLI calls:
+data, conditions, policy adapter and starting model chosen, the run, its files.
 """
 
 from __future__ import annotations
@@ -23,28 +24,28 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import Config
-from ..documents import Passage
+from ..documents import Passage, read_qa_passages
 from ..errors import SealError
 from ..learning.self_edit import from_text, write_self_edits
 from ..model.inner_loop import Example, train_adapter
-from ..model.loader import answer_dtype, generate_dtype, train_dtype
+from ..model.loader import compute_dtypes
 from ..policy import Policy
+from ..progress import Progress, no_progress
 from ..qa import answering as qa_mod
+from ..qa.grading import Judge
+from .conditions import BASE, EXTERNAL, IN_CONTEXT, PASSAGE, SELF, parse_conditions
 
-BASE, PASSAGE, SELF, IN_CONTEXT = "base", "passage", "self", "in-context"
-EXTERNAL = "external:"
-SIMPLE = (BASE, PASSAGE, SELF, IN_CONTEXT)
-DEFAULT_CONDITIONS = f"{BASE},{PASSAGE},{SELF},{EXTERNAL}gpt-4.1,{IN_CONTEXT}"
-
-Progress = Callable[[str, dict[str, Any]], None]
+if TYPE_CHECKING:
+    from ..agent import SealAgent
+    from ..memory.policy_versions import PolicyVersions
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -56,29 +57,6 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def parse_conditions(text: str, passages: list[Passage], cpt: bool = False) -> list[str]:
-    """Validate a comma-separated condition list against what the data carries."""
-    conditions = [c.strip() for c in text.split(",") if c.strip()]
-    if not conditions:
-        raise SealError("no conditions given")
-    allowed = (BASE, PASSAGE, SELF) if cpt else SIMPLE
-    for c in conditions:
-        if c.startswith(EXTERNAL):
-            name = c[len(EXTERNAL):]
-            missing = [i for i, p in enumerate(passages) if not p.external_self_edits.get(name)]
-            if missing:
-                have = sorted({k for p in passages for k in p.external_self_edits})
-                raise SealError(
-                    f"condition '{c}': passage(s) {missing[:5]} carry no external self-edit '{name}' "
-                    f"(the data has: {', '.join(have) or 'none'})"
-                )
-        elif c not in allowed:
-            raise SealError(f"unknown condition '{c}' (known: {', '.join(allowed)}, {EXTERNAL}<name>)")
-    if len(set(conditions)) != len(conditions):
-        raise SealError("a condition is listed twice")
-    return conditions
 
 
 @dataclass
@@ -166,9 +144,7 @@ class Evaluator:
         self.judge = judge
         self.seed = seed
         self.use_chat = cfg.model.use_chat_template
-        self.gen_dtype = generate_dtype(cfg)
-        self.answer_dtype = answer_dtype(cfg)
-        self.train_dtype = train_dtype(cfg)
+        self.dtypes = compute_dtypes(cfg)
 
     # -- building blocks -------------------------------------------------
     def training_data(self, condition: str, passage: Passage, index: int) -> list[Example]:
@@ -176,7 +152,7 @@ class Evaluator:
             return self.policy.examples("", passage.title, passage.text)
         if condition == SELF:
             [edit] = write_self_edits(self.model, self.tokenizer, self.policy, passage, use_chat=self.use_chat,
-                                      dtype=self.gen_dtype, seed=self.seed * 100_003 + index,
+                                      dtype=self.dtypes.generate, seed=self.seed * 100_003 + index,
                                       adapter=self.policy_adapter)
             return edit.examples
         if condition.startswith(EXTERNAL):
@@ -188,22 +164,22 @@ class Evaluator:
         questions = [(i, q) for i, p in passages for q in qa_mod.questions_of(p.title, p.questions, p.text)]
         scored = qa_mod.evaluate(
             model, self.tokenizer, [q for _, q in questions], self.cfg.qa, use_chat=self.use_chat,
-            compute_dtype=self.answer_dtype, in_context=condition == IN_CONTEXT,
+            compute_dtype=self.dtypes.answer, in_context=condition == IN_CONTEXT,
         )
         records = [
             Record(condition, i, s.question.title, s.question.question, s.question.answer, s.prediction, s.correct)
             for (i, _), s in zip(questions, scored)
         ]
         if self.judge is not None:
-            for r in records:
-                r.judge = self.judge.grade(f"Topic: {r.title}\n{r.question}", r.gold, r.prediction)
+            for r, s in zip(records, scored):
+                r.judge = self.judge.grade(qa_mod.question_text(s.question, self.cfg.qa), r.gold, r.prediction)
         return records
 
     def updated_answers(self, examples: list[Example], passages: list[tuple[int, Passage]], condition: str,
                         seed: int) -> tuple[list[Record], float, int]:
         """Train an adapter on `examples`, answer, remove the adapter."""
         candidate, stats = train_adapter(self.model, self.tokenizer, examples, self.cfg.lora, self.cfg.train,
-                                         seed=seed, compute_dtype=self.train_dtype)
+                                         seed=seed, compute_dtype=self.dtypes.train)
         try:
             return self.answer(candidate, passages, condition), stats.seconds, stats.tokens
         finally:
@@ -286,20 +262,82 @@ def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def passage_subset(passages: list[Passage], n: int | None) -> list[Passage]:
-    """The first n passages (the data files are already in a fixed random order)."""
-    return passages if n is None else passages[:n]
+def eval_data(cfg: Config, data: Path | None) -> Path:
+    """The file an evaluation reads: `data` (--data), else eval.data of the config."""
+    if data is not None:
+        return data
+    if cfg.eval_data is None:
+        raise SealError("no evaluation data: pass --data FILE (SQuAD-style JSON) or set eval.data in config.toml")
+    if not cfg.eval_data.exists():
+        raise SealError(f"evaluation data {cfg.eval_data} (eval.data) does not exist; "
+                        "pass --data FILE or set eval.data in config.toml")
+    return cfg.eval_data
 
 
-def _ignore(_stage: str, _info: dict[str, Any]) -> None:
-    pass
+def eval_passages(cfg: Config, data: Path | None, n: int | None) -> tuple[Path, list[Passage]]:
+    """The file read and, of its first n passages, those with questions."""
+    data = eval_data(cfg, data)
+    passages = read_qa_passages(data, "evaluation")
+    # the data files are already in a fixed random order: the first n are a fair sample
+    passages = [p for p in (passages if n is None else passages[:n]) if p.questions]
+    if not passages:
+        raise SealError(f"{data}: no passages with questions")
+    return data, passages
+
+
+def policy_adapter_for(versions: PolicyVersions, version: int | None,
+                       adapter: Path | None) -> tuple[Path | None, str]:
+    """The policy adapter that writes the self condition's self-edits, and how results name it:
+    an adapter directory given, else policy `version`, else the promoted one (None: the prompt alone)."""
+    if adapter is not None and version is not None:
+        raise SealError("give --policy-version or --policy-adapter, not both")
+    if adapter is not None:
+        return adapter, str(adapter)
+    version = versions.active() if version is None else version
+    return versions.adapter_dir(version), versions.label(version)
 
 
 def run_eval(kind: str, cfg: Config, model, tokenizer, policy: Policy, passages: list[Passage],
-             conditions: list[str], *, judge=None, seed: int = 0, progress: Progress = _ignore,
+             conditions: list[str], *, judge=None, seed: int = 0, progress: Progress = no_progress,
              policy_adapter: Path | None = None) -> EvalRun:
     torch.manual_seed(seed)
     evaluator = Evaluator(cfg, model, tokenizer, policy, judge=judge, seed=seed, policy_adapter=policy_adapter)
     if kind == "cpt":
         return evaluator.cpt(passages, conditions, progress)
     return evaluator.squad(passages, conditions, progress)
+
+
+@dataclass
+class Ladder:
+    """A finished `eval squad` or `eval cpt`: the run, what it read, where it wrote."""
+
+    run: EvalRun
+    data: Path
+    passages: int
+    judged: bool
+    files: dict[str, Path]
+
+
+def run_ladder(agent: SealAgent, kind: str, conditions: str, *, data: Path | None = None, n: int | None = None,
+               seed: int = 0, from_version: int = 0, out_dir: Path | None = None, policy_version: int | None = None,
+               policy_adapter: Path | None = None, progress: Progress = no_progress) -> Ladder:
+    """`eval squad` / `eval cpt` on `agent`'s state: every update starts from `from_version`; answers.jsonl,
+    results.json and chart.png go to `out_dir` (default STATE/state/eval/KIND-TIME)."""
+    cfg = agent.cfg
+    data, passages = eval_passages(cfg, data, n)
+    conds = parse_conditions(conditions, passages, cpt=kind == "cpt")
+    judge = Judge(cfg.judge) if cfg.judge.base_url else None
+    adapter, policy_label = policy_adapter_for(agent.policy_versions, policy_version, policy_adapter)
+    model, tokenizer = agent.model_at(from_version)
+    progress("start", {"kind": kind, "passages": len(passages),
+                       "total": len(passages) * len(conds) if kind == "squad" else len(conds)})
+    t0 = datetime.now()
+    run = run_eval(kind, cfg, model, tokenizer, agent.policy, passages, conds, judge=judge, seed=seed,
+                   progress=progress, policy_adapter=adapter)
+    out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"{kind}-{t0:%Y%m%d-%H%M%S}"
+    meta = {
+        "data": str(data), "passages": len(passages), "seed": seed, "from_version": from_version,
+        "policy": policy_label, "model": cfg.model.base, "started": t0.isoformat(timespec="seconds"),
+        "title": f"seal-agent eval {kind}: {len(passages)} passages of {data.name}, {cfg.model.base}",
+    }
+    return Ladder(run, data, len(passages), judge is not None, write_outputs(run, out_dir, meta))

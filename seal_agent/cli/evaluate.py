@@ -1,0 +1,196 @@
+"""Verbs that measure: `eval squad/cpt/continual` and `bench`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import Progress
+from rich.table import Table
+
+from ..evaluation.conditions import DEFAULT_CONDITIONS, DEFAULT_CPT_CONDITIONS
+from .options import agent_of, config_of, global_options, handle_errors
+from .output import emit_json, err, out, progress_bar
+
+# -- eval ----------------------------------------------------------------
+
+DATA_HELP = "SQuAD-style JSON/JSONL (default: eval.data in config.toml)."
+
+
+@click.group(name="eval")
+def eval_group() -> None:
+    """Measure how well the model learns (the SEAL paper's Table 2 ladder)."""
+
+
+def _eval_options(f: Callable) -> Callable:
+    options = [
+        click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None, help=DATA_HELP),
+        click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N passages."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for self-edit sampling and training (same seed, same result)."),
+        click.option("--from-version", type=int, default=0, show_default=True,
+                     help="Model version every update starts from (0 = the base model)."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Directory for answers.jsonl, results.json, chart.png (default: STATE/eval/KIND-TIME)."),
+        click.option("--policy-version", type=int, default=None,
+                     help="Policy adapter that writes the self condition's self-edits "
+                          "(default: the promoted one; 0 = the prompt alone)."),
+        click.option("--policy-adapter", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+                     help="Or any policy adapter directory, e.g. a candidate ReSTEM did not promote."),
+        click.option("--json", "as_json", is_flag=True, help="One JSON object per condition."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+class _LadderProgress:
+    """Renders the ladder's stages as a progress bar on stderr."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task = None
+        self.passages = 0
+
+    def __call__(self, stage: str, info: dict[str, Any]) -> None:
+        if stage == "start":
+            self.passages = info["passages"]
+            self.task = self.bar.add_task(f"eval {info['kind']}", total=info["total"])
+        elif stage == "passage":
+            self.bar.update(self.task, description=f"passage {info['index'] + 1}/{info['total']}: "
+                                                   f"{info['title'][:30]}")
+        elif stage == "condition-start":
+            self.bar.update(self.task, description=f"{info['condition']} ({self.passages} passages)")
+        elif stage == "condition":
+            self.bar.advance(self.task)
+            logging.getLogger("seal_agent.eval").info("%s: %d/%d", info["condition"], info["correct"], info["n"])
+
+
+def _run_eval(ctx: click.Context, kind: str, as_json: bool, **options: Any) -> None:
+    from ..evaluation.ladder import run_ladder
+
+    agent = agent_of(ctx)
+    with progress_bar() as bar:
+        done = run_ladder(agent, kind, progress=_LadderProgress(bar), **options)
+    if as_json:
+        for row in done.run.rows():
+            emit_json(row)
+        return
+    table = Table(title=f"eval {kind}: {done.passages} passages of {done.data.name} (no passage in context)")
+    for col in ("condition", "accuracy", "95% CI", "questions", "seconds") + (("judge",) if done.judged else ()):
+        table.add_column(col)
+    for r in done.run.rows():
+        cells = [r["condition"], f"{r['accuracy']:.1%}", f"{r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}", str(r["n"]),
+                 f"{r['seconds']:.0f}"]
+        if done.judged:
+            cells.append(f"{r.get('judge_accuracy', 0):.1%}")
+        table.add_row(*cells)
+    out.print(table)
+    out.print(f"answers: {done.files['answers']}\nchart:   {done.files['chart']}", highlight=False)
+
+
+@eval_group.command("squad")
+@click.option("--conditions", default=DEFAULT_CONDITIONS, show_default=True,
+              help="Comma-separated: base, passage, self, external:<name>, in-context.")
+@_eval_options
+@global_options
+@click.pass_context
+@handle_errors
+def eval_squad(ctx: click.Context, as_json: bool, **options: Any) -> None:
+    """Single-passage setting: each passage learned independently from the same model."""
+    _run_eval(ctx, "squad", as_json, **options)
+
+
+@eval_group.command("cpt")
+@click.option("--conditions", default=DEFAULT_CPT_CONDITIONS, show_default=True,
+              help="Comma-separated: base, passage, self, external:<name>.")
+@_eval_options
+@global_options
+@click.pass_context
+@handle_errors
+def eval_cpt(ctx: click.Context, as_json: bool, **options: Any) -> None:
+    """Continued-pretraining setting: one update on N passages together, then all their questions."""
+    _run_eval(ctx, "cpt", as_json, **options)
+
+
+def _continual_progress(stage: str, info: dict[str, Any]) -> None:
+    if stage == "learn":
+        err.print(f"[dim]step {info['step']}/{info['n']}: learning {info['title']}[/dim]")
+    elif stage == "row":
+        err.print(f"[dim]  {info['status']}; accuracy by passage: "
+                  + " ".join("-" if x is None else f"{x:.2f}" for x in info["row"]) + "[/dim]")
+
+
+@eval_group.command("continual")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None, help=DATA_HELP)
+@click.option("--n", "n", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Learn the first N passages one after another.")
+@click.option("--gate", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="off: updates are checked and reported but always merged (the paper's setting).")
+@click.option("--self-edits", "self_edits", default="self", show_default=True,
+              help="'self' (the active policy writes them) or external:<name> from the data file.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for continual.json, heatmap.png and the run's state "
+                   "(default: STATE/eval/continual-TIME).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@global_options
+@click.pass_context
+@handle_errors
+def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
+    """Retention: learn N passages in sequence, after each step ask the questions of all learned so far.
+
+    Prints the lower-triangular accuracy matrix of the paper's continual
+    experiment (row: after step i; column: passage j) and writes a heatmap.
+    Runs in a fresh state directory: the live model is not touched.
+    """
+    from ..evaluation.continual import evaluate_continual
+
+    result, files = evaluate_continual(config_of(ctx), data=data, n=n, gate=gate == "on", self_edits=self_edits,
+                                       out_dir=out, progress=_continual_progress)
+    if as_json:
+        emit_json(result)
+        return
+    _print_matrix(result, gate)
+    sm = result["summary"]
+    out.print(f"accepted {result['accepted']}, rejected {result['rejected']}; earlier passages: "
+              f"{sm.get('earlier_just_learned_mean')} just after learning -> {sm.get('earlier_final_mean')} at the end "
+              f"(forgetting {sm.get('forgetting')})\nheatmap: {files['heatmap']}", highlight=False)
+
+
+def _print_matrix(result: dict[str, Any], gate: str) -> None:
+    n = len(result["passages"])
+    table = Table(title=f"accuracy after each step (gate {gate}; rows: after learning passage i)")
+    table.add_column("")
+    for j in range(n):
+        table.add_column(f"P{j + 1}")
+    for i, row in enumerate(result["matrix"]):
+        label = "base" if i == 0 else f"after {i}" + ("" if result["steps"][i - 1]["status"] == "learned" else " ✗")
+        cells = ["" if x is None or (i and j >= i) else f"{x:.2f}" for j, x in enumerate(row)]
+        table.add_row(label, *cells + [""] * (n - len(cells)))
+    out.print(table)
+
+
+# -- bench ---------------------------------------------------------------
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as one JSON object.")
+@global_options
+@click.pass_context
+@handle_errors
+def bench(ctx: click.Context, as_json: bool) -> None:
+    """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest, API latency.
+
+    Takes 7-10 minutes on 2 cores. Ratios (speedup, fraction of peak) are
+    measured in the same run, so they hold on a noisy machine.
+    """
+    from ..evaluation.bench import run_bench, summary
+
+    agent = agent_of(ctx)
+    result = run_bench(agent.cfg, agent.policy, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    if as_json:
+        emit_json(result)
+        return
+    out.print(summary(result), highlight=False)
