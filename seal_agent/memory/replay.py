@@ -192,10 +192,6 @@ class ReplayBank:
             f"SELECT * FROM qas WHERE version IN ({','.join('?' * len(versions))}) ORDER BY id", tuple(versions))
         return [_row(r) for r in rows]
 
-    def for_passage(self, passage_hash: str) -> list[BankQA]:
-        return [_row(r) for r in self.state.query("SELECT * FROM qas WHERE passage_hash = ? ORDER BY id",
-                                                  (passage_hash,))]
-
     def cached(self, version: int, ids: Iterable[int]) -> dict[int, bool]:
         ids = list(ids)
         if not ids:

@@ -341,7 +341,5 @@ class State:
         sql = "INSERT INTO events(ts, kind, version, document_id, message, data) VALUES (?, ?, ?, ?, ?, ?)"
         self.write(sql, args, conn)
 
-    def events(self, limit: int = 50, kind: str | None = None) -> list[sqlite3.Row]:
-        if kind:
-            return self.query("SELECT * FROM events WHERE kind LIKE ? ORDER BY id DESC LIMIT ?", (kind, limit))
+    def events(self, limit: int = 50) -> list[sqlite3.Row]:
         return self.query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
