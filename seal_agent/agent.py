@@ -21,15 +21,16 @@ from .documents import SUPPORTED
 from .errors import SealError
 from .learning.learner import DocumentReport, Learner
 from .memory.adapter_log import AdapterLog
+from .memory.knowledge import Knowledge
 from .memory.live import LiveModel, discard_uncommitted
 from .memory.lock import StateLock
+from .memory.modules import ModuleStore
 from .memory.policy_versions import PolicyVersions
 from .memory.replay import ReplayBank
 from .memory.state import State
-from .model.loader import answer_dtype
 from .policy import Policy, load_active_policy
 from .progress import Progress, no_progress
-from .qa.answering import Question, answer, evaluate
+from .qa.answering import Question
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class SealAgent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.state = State(cfg.state_path("database"))
         self.log = AdapterLog(cfg.state_path("adapters") / "knowledge")
+        # memory.mode = "modules": one LoRA module per learned document, routed by retrieval.
+        self.modules = ModuleStore(self.state, AdapterLog(cfg.state_path("adapters") / "modules", prefix="m"))
+        self.knowledge = Knowledge(cfg, self.state, self.modules, lambda: self.bank.embedder)
         # The promoted self-edit policy adapter (ReSTEM's line of versions).
         self.policy_versions = PolicyVersions(self.state, cfg.state_path("adapters"), self.policy.name)
         self._live: LiveModel | None = None
@@ -89,7 +93,9 @@ class SealAgent:
     def _repair(self) -> None:
         self.log.repair()
         self.policy_versions.log.repair()
+        self.modules.log.repair()
         discard_uncommitted(self.state, self.log)
+        self.modules.discard_uncommitted()
         for doc_id in self.state.interrupt_documents():
             log.info("document %d: its learning was interrupted by a stop; marked interrupted", doc_id)
 
@@ -123,8 +129,13 @@ class SealAgent:
     # -- verbs -----------------------------------------------------------
     def learner(self, external: str | None = None) -> Learner:
         bank = self.bank if self.cfg.replay.enabled else None
-        return Learner(self.cfg, self.state, self.live, self.policy, bank, self.qa_policy, external=external,
-                       policy_versions=self.policy_versions)
+        args = (self.cfg, self.state, self.live, self.policy, bank, self.qa_policy)
+        if self.cfg.memory.mode == "modules":
+            from .learning.modules import ModuleLearner
+
+            return ModuleLearner(*args, external=external, policy_versions=self.policy_versions,
+                                 modules=self.modules, embedder=self.bank.embedder)
+        return Learner(*args, external=external, policy_versions=self.policy_versions)
 
     def learn(self, path: Path, progress: Progress = no_progress, max_passages: int | None = None,
               recorded_as: str | None = None) -> DocumentReport:
@@ -132,13 +143,20 @@ class SealAgent:
         return self.learner().learn_file(path, progress, max_passages, recorded_as)
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
+        """The live version's answer, and the modules it was answered with (and why)."""
         live = self.live
-        [text] = answer(
-            live.model, live.tokenizer, [Question(question, "")], self.cfg.qa,
-            use_chat=self.cfg.model.use_chat_template, compute_dtype=answer_dtype(self.cfg),
-            max_new_tokens=max_new_tokens,
-        )
-        return {"question": question, "answer": text, "version": live.version}
+        [a] = self.knowledge.answer(live.model, live.tokenizer, live.version, [Question(question, "")],
+                                    max_new_tokens=max_new_tokens)
+        return {"question": question, "answer": a.text, "version": live.version,
+                "modules": self._modules_used(a.route)}
+
+    def _modules_used(self, route) -> list[dict[str, Any]]:
+        if route.module is None:
+            return []
+        module = self.modules.get(route.module)
+        doc = self.state.document(module.document_id) if module and module.document_id is not None else None
+        return [{"module": route.module, "score": round(route.score, 4),
+                 "document": doc["path"] if doc else None, "title": doc["title"] if doc else None}]
 
     def history(self) -> list[dict[str, Any]]:
         live = self.state.live_version()
@@ -150,6 +168,11 @@ class SealAgent:
                 "version": row.version,
                 "parent": row.parent,
                 "live": row.version == live,
+                "kind": stats.get("kind", "base" if row.parent is None else "merge"),
+                "module": stats.get("module"),
+                "routed": len(stats.get("routed", [])),
+                "absorbed": stats.get("absorbed", []),
+                "flagged": stats.get("flagged"),
                 "created_at": row.created_at,
                 "documents": [doc["path"]] if doc else [],
                 "title": doc["title"] if doc else stats.get("base"),
@@ -187,9 +210,8 @@ class SealAgent:
         qas = self.bank.active(self._lineage())
         if sample is not None and sample < len(qas):
             qas = sorted(random.Random(seed).sample(qas, sample), key=lambda q: q.id)
-        scored = evaluate(live.model, live.tokenizer, [q.as_question() for q in qas],
-                          self.cfg.qa, use_chat=self.cfg.model.use_chat_template,
-                          compute_dtype=answer_dtype(self.cfg))
+        scored, _routes = self.knowledge.evaluate(live.model, live.tokenizer, live.version,
+                                                  [q.as_question() for q in qas])
         self.bank.record(live.version, [(q.id, s.correct, s.prediction) for q, s in zip(qas, scored)])
         per_doc: dict[int | None, list[bool]] = {}
         for q, s in zip(qas, scored):
@@ -218,7 +240,9 @@ class SealAgent:
                              data={"accuracy": result["accuracy"], "n": result["n"]})
             return result
         if name == "consolidate":
-            return {"snapshot": self.live.consolidate()}
+            if self.cfg.memory.mode == "modules":
+                return self.consolidate(should_stop=should_stop)
+            return {"snapshot": self.live.snapshot()}
         if name == "restem":
             record = self.restem(should_stop=should_stop)
             keys = ("round", "decision", "reason", "policy_version", "stopped_early", "seconds")
@@ -241,6 +265,20 @@ class SealAgent:
                          versions=self.policy_versions, model=live.model, tokenizer=live.tokenizer,
                          knowledge_version=live.version, bank=self.bank if self.cfg.replay.enabled else None)
         return run_round(deps, rcfg, data=list(data), should_stop=should_stop, progress=progress)
+
+    # -- consolidation -------------------------------------------------------
+    def consolidate(self, should_stop: Callable[[], bool] = lambda: False,
+                    progress: Progress = no_progress) -> dict[str, Any]:
+        """Fold the routed modules into new consolidated weights (learning/consolidation.py)."""
+        from .learning.consolidation import Consolidation
+
+        if self.cfg.memory.mode != "modules":
+            raise SealError('consolidation folds knowledge modules into the weights: it needs memory.mode = '
+                            '"modules" (the merge line merges every update already; its snapshots are '
+                            '`adapter_log.snapshot_every`)')
+        self.own()
+        run = Consolidation(self.cfg, self.state, self.live, self.modules, self.knowledge, self.bank, self.policy)
+        return run.run(should_stop=should_stop, progress=progress)
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest events, oldest first (decisions of the learner, rollbacks)."""

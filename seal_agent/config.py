@@ -206,6 +206,29 @@ class ReplayConfig:
 
 
 @dataclass
+class MemoryConfig:
+    # "modules": each document trains a LoRA module of its own on the consolidated
+    # weights, which it never changes; a question is answered with the module its
+    # retrieval picks (or none), and consolidation folds modules into the weights
+    # in bulk. "merge": every update is merged into one set of weights, checked by
+    # the forgetting gate ([replay]) first: the line that forgets (BENCHMARKS.md).
+    mode: str = "modules"
+    # Passages per module: a longer document is split into modules of this many
+    # passages (0 = one module for the whole document).
+    module_passages: int = 0
+    # A module is applied only when the question's embedding is at least this
+    # similar (cosine) to one of its keys (its passages and their sentences);
+    # below it the consolidated weights answer alone.
+    route_threshold: float = 0.45
+    # Consolidation absorbs a document when the new weights alone answer its
+    # replay QAs at least as well as its module did, and goes live only if the
+    # documents absorbed before lose at most this share of the answers they knew.
+    max_forgetting: float = 0.0
+    # Consolidation's training: epochs over all modules' stored training data.
+    consolidate_epochs: int = 3
+
+
+@dataclass
 class InboxConfig:
     # Watched folder (relative: to state_dir). Created if missing.
     dir: str = "inbox"
@@ -315,6 +338,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     inbox: InboxConfig = field(default_factory=InboxConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -350,6 +374,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss_on": ("all", "completion"),
     "qa.grader": ("contains", "exact", "f1"),
     "replay.embedder": ("minilm", "base-model"),
+    "memory.mode": ("modules", "merge"),
     "inbox.after": ("move", "keep"),
     "restem.reward": ("train", "proxy", "both"),
     "restem.on_document": ("queue", "yield"),
@@ -398,6 +423,8 @@ _BOUNDS: dict[str, Bound] = {
     "replay.max_qas": _AT_LEAST_0, "replay.nearest_k": _AT_LEAST_0, "replay.random_m": _AT_LEAST_0,
     "replay.max_forgetting": _SHARE, "replay.attempts": _AT_LEAST_1, "replay.rehearsal_ratio": _AT_LEAST_0,
     "replay.rehearsal_passages": _AT_LEAST_0,
+    "memory.module_passages": _AT_LEAST_0, "memory.route_threshold": Bound(-1.0, 1.0),
+    "memory.max_forgetting": _SHARE, "memory.consolidate_epochs": _AT_LEAST_1,
     "inbox.stable_s": _AT_LEAST_0, "inbox.poll_s": _POSITIVE, "inbox.max_bytes": _AT_LEAST_1,
     "api.port": Bound(0, 65535), "api.max_request_bytes": _AT_LEAST_1, "api.max_tokens": _AT_LEAST_1,
     "api.default_max_tokens": _AT_LEAST_1,

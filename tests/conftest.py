@@ -84,12 +84,17 @@ restem = ""
 """
 
 
-def write_config(path: Path, model_base: str | Path, state_dir: Path, extra: str = "") -> Path:
-    """A config.toml for tests: tiny model, small budgets, the project's policies."""
+def write_config(path: Path, model_base: str | Path, state_dir: Path, extra: str = "", mode: str = "merge") -> Path:
+    """A config.toml for tests: tiny model, small budgets, the project's policies.
+    `mode`: memory.mode; the tests written for the merge line and its gate pin it,
+    those of the knowledge modules (test_modules.py) ask for "modules"."""
     path.write_text(
         f"""
 [paths]
 state_dir = "{state_dir}"
+
+[memory]
+mode = "{mode}"
 
 [model]
 base = "{model_base}"

@@ -132,14 +132,26 @@ def _continual_progress(stage: str, info: dict[str, Any]) -> None:
               help="off: updates are checked and reported but always merged (the paper's setting).")
 @click.option("--self-edits", "self_edits", default="self", show_default=True,
               help="'self' (the active policy writes them) or external:<name> from the data file.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for continual.json, heatmap.png and the run's state "
                    "(default: STATE/eval/continual-TIME).")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ask every learned passage after every K steps (and the last); in between only the "
+                   "passage just learned.")
+@click.option("--unlearned", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The next M passages of the data, never learned: their questions should get no module.")
+@click.option("--consolidate", is_flag=True,
+              help="At the end, consolidate (memory.mode = \"modules\") and ask every passage again.")
+@click.option("--ppl-data", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Passages never learned (e.g. train_pool.json): perplexity of the base and final weights.")
+@click.option("--ppl-n", type=click.IntRange(min=1), default=50, show_default=True,
+              help="How many of --ppl-data's passages.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @global_options
 @click.pass_context
 @handle_errors
-def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
+def eval_continual(ctx, data, n, gate, self_edits, out_dir, every, unlearned, consolidate, ppl_data, ppl_n,
+                   as_json) -> None:
     """Retention: learn N passages in sequence, after each step ask the questions of all learned so far.
 
     Prints the lower-triangular accuracy matrix of the paper's continual
@@ -149,12 +161,17 @@ def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
     from ..evaluation.continual import evaluate_continual
 
     result, files = evaluate_continual(config_of(ctx), data=data, n=n, gate=gate == "on", self_edits=self_edits,
-                                       out_dir=out, progress=_continual_progress)
+                                       out_dir=out_dir, every=every, unlearned=unlearned, consolidate=consolidate,
+                                       ppl_data=ppl_data, ppl_n=ppl_n, progress=_continual_progress)
     if as_json:
         emit_json(result)
         return
-    _print_matrix(result, gate)
+    _print_matrix(result, f"gate {gate}" if result["mode"] == "merge" else "modules")
     sm = result["summary"]
+    if result["mode"] == "modules":
+        out.print(f"learned {result['accepted']}, refused {result['refused']}, flagged {result['flagged']}; "
+                  f"router recall@1 {result.get('router_recall_at_1')}, unlearned questions with no module "
+                  f"{result.get('unlearned_no_module')}", highlight=False)
     out.print(f"accepted {result['accepted']}, rejected {result['rejected']}; earlier passages: "
               f"{sm.get('earlier_just_learned_mean')} just after learning -> {sm.get('earlier_final_mean')} at the end "
               f"(forgetting {sm.get('forgetting')})\nheatmap: {files['heatmap']}", highlight=False)
@@ -162,7 +179,7 @@ def eval_continual(ctx, data, n, gate, self_edits, out, as_json) -> None:
 
 def _print_matrix(result: dict[str, Any], gate: str) -> None:
     n = len(result["passages"])
-    table = Table(title=f"accuracy after each step (gate {gate}; rows: after learning passage i)")
+    table = Table(title=f"accuracy after each step ({gate}; rows: after learning passage i)")
     table.add_column("")
     for j in range(n):
         table.add_column(f"P{j + 1}")

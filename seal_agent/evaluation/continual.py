@@ -57,33 +57,78 @@ def summarize(matrix: list[list[float | None]]) -> dict[str, Any]:
     }
 
 
+def perplexity(model, tokenizer, texts: list[str]) -> float:
+    """exp of the mean next-token loss over all tokens of `texts` (general ability:
+    passages the model never learned)."""
+    import math
+
+    import torch
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :1024]
+            if ids.shape[1] < 2:
+                continue
+            loss = model(input_ids=ids, labels=ids).loss.float().item()
+            total += loss * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return round(math.exp(total / count), 4) if count else float("nan")
+
+
+def _share(marks: list[bool]) -> float | None:
+    return round(sum(marks) / len(marks), 4) if marks else None
+
+
+def checkpoints(n: int, every: int) -> set[int]:
+    """The steps after which every learned passage is asked: every `every`, and the last."""
+    return {i for i in range(1, n + 1) if i % every == 0} | {n}
+
+
 def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir: Path, external: str | None,
-                  progress: Progress = no_progress) -> dict[str, Any]:
+                  progress: Progress = no_progress, every: int = 1, unlearned: list[Passage] = (),
+                  consolidate: bool = False, ppl_texts: list[str] = ()) -> dict[str, Any]:
+    """Learn `passages` in sequence; ask all learned so far at each checkpoint.
+    Between checkpoints a row holds only the passage just learned (its own
+    questions, asked right after it). `unlearned`: passages never learned, whose
+    questions should be answered with no module. `consolidate`: at the end, a
+    consolidation (modules) and the accuracies after it. `ppl_texts`: texts for
+    the perplexity of the base and of the final weights."""
     from ..agent import SealAgent
 
     run_cfg = scratch_config(cfg, state_dir, replay={"gate": gate})
+    modules_mode = run_cfg.memory.mode == "modules"
     docs = state_dir / "documents"
     docs.mkdir(parents=True, exist_ok=True)
     agent = SealAgent(run_cfg)
     t0 = time.perf_counter()
+    marks_at = checkpoints(len(passages), every)
+    extra: dict[str, Any] = {}
     try:
         live = agent.live
         learner = agent.learner(external)
         questions = [qa_mod.questions_of(p.title, p.questions) for p in passages]
+        module_of: dict[int, int | None] = {}
 
-        def accuracies(upto: int) -> list[float | None]:
+        def ask(upto: int) -> tuple[list[float | None], list[bool], list[bool]]:
+            """Accuracy per passage, and per question whether the router picked its
+            passage's module as nearest (recall@1) and applied it (above the threshold)."""
             flat = [q for qs in questions[:upto] for q in qs]
-            scored = qa_mod.evaluate(live.model, live.tokenizer, flat, cfg.qa, use_chat=cfg.model.use_chat_template,
-                                     compute_dtype=answer_dtype(cfg))
-            out, i = [], 0
-            for qs in questions[:upto]:
+            scored, routes = agent.knowledge.evaluate(live.model, live.tokenizer, live.version, flat)
+            out, nearest, applied, i = [], [], [], 0
+            for j, qs in enumerate(questions[:upto]):
                 out.append(qa_mod.accuracy(scored[i:i + len(qs)]))
+                for r in routes[i:i + len(qs)]:
+                    nearest.append(module_of.get(j) is not None and r.nearest == module_of.get(j))
+                    applied.append(module_of.get(j) is not None and r.module == module_of.get(j))
                 i += len(qs)
-            return out
+            return out, nearest, applied
 
         progress("base", {"n": len(passages)})
-        matrix: list[list[float | None]] = [accuracies(len(passages))]
-        steps = []
+        matrix: list[list[float | None]] = [ask(len(passages))[0]]
+        base_ppl = perplexity(live.model, live.tokenizer, list(ppl_texts)) if ppl_texts else None
+        steps, curve = [], []
+        routing: tuple[list[bool], list[bool]] = ([], [])
         for i, p in enumerate(passages):
             path = docs / f"{i:02d}.json"
             path.write_text(json.dumps({"title": p.title, "context": p.text,
@@ -92,54 +137,137 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
             progress("learn", {"step": i + 1, "n": len(passages), "title": p.title})
             report = learner.learn_file(path)
             [pr] = report.passages
+            module_of[i] = pr.module
             steps.append({"step": i + 1, "title": p.title, "status": pr.status, "version": live.version,
-                          "forgetting": pr.forgetting, "train_seconds": (pr.train or {}).get("seconds"),
-                          "seconds": round(pr.seconds, 1)})
-            matrix.append(accuracies(i + 1))
+                          "module": pr.module, "flagged": pr.flagged, "forgetting": pr.forgetting,
+                          "qa_before": pr.qa_before, "qa_after": pr.qa_after,
+                          "train_seconds": (pr.train or {}).get("seconds"), "seconds": round(pr.seconds, 1)})
+            if i + 1 in marks_at:
+                row, nearest, applied = ask(i + 1)
+                routing = (nearest, applied)
+                learned = [x for x in row if x is not None]
+                curve.append({"step": i + 1, "mean": round(sum(learned) / len(learned), 4) if learned else None})
+            else:  # the passage just learned, asked as the others will be
+                row = [None] * i + [ask_one(agent, live, questions[i])]
+            matrix.append(row)
             progress("row", {"step": i + 1, "row": matrix[-1], "status": pr.status})
+        if modules_mode:
+            extra["router_recall_at_1"] = _share(routing[0])
+            extra["router_applied_right_module"] = _share(routing[1])
+            extra.update(_unlearned_routing(agent, live, passages, unlearned))
+        if ppl_texts:
+            extra["perplexity"] = {"base": base_ppl, "final": perplexity(live.model, live.tokenizer, list(ppl_texts))}
+        if consolidate and modules_mode:
+            progress("consolidate", {})
+            result = agent.consolidate()
+            after, _, _ = ask(len(passages))
+            slow = _slow_alone(agent, live, questions)
+            extra["consolidation"] = {
+                **{k: result.get(k) for k in ("decision", "reason", "version", "seconds", "held_lost")},
+                "absorbed": len(result.get("absorbed", [])), "kept": len(result.get("kept", [])),
+                "mean_after": _mean(after), "mean_slow_alone": _mean(slow),
+                "row_after": [None if x is None else round(x, 4) for x in after],
+            }
+            if ppl_texts:
+                extra["perplexity"]["consolidated"] = perplexity(live.model, live.tokenizer, list(ppl_texts))
     finally:
         agent.close()
+    not_learned = [s for s in steps if s["status"] != "learned"]
     return {
+        "mode": run_cfg.memory.mode,
         "gate": gate,
         "self_edits": external or "self",
         "passages": [p.title for p in passages],
         "questions": [len(qs) for qs in questions],
+        "every": every,
         "matrix": [[None if x is None else round(x, 4) for x in row] for row in matrix],
+        "curve": curve,
         "steps": steps,
         "summary": summarize(matrix),
         "accepted": sum(s["status"] == "learned" for s in steps),
         "rejected": sum(s["status"] == "rejected-forgetting" for s in steps),
+        # Not learned for any reason but unreadable or duplicate (all passages here are distinct and readable).
+        "refused": len([s for s in not_learned if s["status"] != "duplicate"]),
+        "flagged": sum(s["flagged"] is not None for s in steps),
+        "final_mean": summarize(matrix).get("final_mean"),
+        **extra,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
+def _mean(row: list[float | None]) -> float | None:
+    xs = [x for x in row if x is not None]
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def ask_one(agent, live, questions: list[qa_mod.Question]) -> float | None:
+    scored, _ = agent.knowledge.evaluate(live.model, live.tokenizer, live.version, questions)
+    return qa_mod.accuracy(scored)
+
+
+def _slow_alone(agent, live, questions: list[list[qa_mod.Question]]) -> list[float | None]:
+    """Accuracy per passage from the weights alone, no module applied (the slow memory)."""
+    flat = [q for qs in questions for q in qs]
+    scored = qa_mod.evaluate(live.model, live.tokenizer, flat, agent.cfg.qa, use_chat=agent.cfg.model.use_chat_template,
+                             compute_dtype=answer_dtype(agent.cfg))
+    out, i = [], 0
+    for qs in questions:
+        out.append(qa_mod.accuracy(scored[i:i + len(qs)]))
+        i += len(qs)
+    return out
+
+
+def _unlearned_routing(agent, live, learned: list[Passage], unlearned: list[Passage]) -> dict[str, Any]:
+    """Share of questions about passages never learned that get no module: all of
+    them, and those of articles (titles) none of whose passages was learned."""
+    if not unlearned:
+        return {}
+    titles = {p.title for p in learned}
+    qs = [(p.title in titles, q) for p in unlearned for q in qa_mod.questions_of(p.title, p.questions)]
+    routes = agent.knowledge.route_questions(live.version, [q for _, q in qs])
+    none = [r.module is None for r in routes]
+    other = [r.module is None for (same, _), r in zip(qs, routes) if not same]
+    same = [r.module is None for (s, _), r in zip(qs, routes) if s]
+    return {"unlearned_no_module": _share(none), "unlearned_questions": len(none),
+            "unlearned_other_articles_no_module": _share(other), "unlearned_other_articles_questions": len(other),
+            "unlearned_same_article_no_module": _share(same), "unlearned_same_article_questions": len(same)}
+
+
 def evaluate_continual(cfg: Config, *, data: Path | None = None, n: int = 8, gate: bool = True,
-                       self_edits: str = "self", out_dir: Path | None = None,
-                       progress: Progress = no_progress) -> tuple[dict[str, Any], dict[str, Path]]:
+                       self_edits: str = "self", out_dir: Path | None = None, every: int = 1,
+                       unlearned: int = 0, consolidate: bool = False, ppl_data: Path | None = None,
+                       ppl_n: int = 50, progress: Progress = no_progress) -> tuple[dict[str, Any], dict[str, Path]]:
     """`eval continual`: the first `n` passages of `data` (default eval.data) learned in sequence, in a state
     directory of its own under `out_dir` (default STATE/state/eval/continual-TIME); writes the result and
-    its heatmap there and returns them with their paths."""
-    data, passages = eval_passages(cfg, data, n)
-    passages = passages[:n]
+    its heatmap there and returns them with their paths. `unlearned`: the next passages of `data`, for
+    the router's no-module check; `ppl_data`: passages (the first `ppl_n`) for the perplexity check."""
+    data, all_passages = eval_passages(cfg, data, n + unlearned)
+    passages, held_back = all_passages[:n], all_passages[n:n + unlearned]
     external = None
     if self_edits != "self":
         if not self_edits.startswith(EXTERNAL):
             raise SealError(f"--self-edits must be 'self' or external:<name>, got '{self_edits}'")
         external = self_edits.removeprefix(EXTERNAL)
         require_external(passages, external, str(data))
+    ppl_texts: list[str] = []
+    if ppl_data is not None:
+        from ..documents import read_qa_passages
+
+        ppl_texts = [f"{p.title}\n{p.text}" for p in read_qa_passages(ppl_data, "perplexity")[:ppl_n]]
     out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"continual-{datetime.now():%Y%m%d-%H%M%S}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    switch = "on" if gate else "off"
-    state_dir = out_dir / f"state-gate-{switch}"
+    label = f"gate-{'on' if gate else 'off'}" if cfg.memory.mode == "merge" else "modules"
+    state_dir = out_dir / f"state-{label}"
     if state_dir.exists() and any(state_dir.iterdir()):
         raise SealError(f"{state_dir} already holds a run; choose another --out")
     resolve_base(cfg)  # converted once into the configured state directory, shared by the run's
-    result = run_continual(cfg, passages, gate=gate, state_dir=state_dir, external=external, progress=progress)
+    result = run_continual(cfg, passages, gate=gate, state_dir=state_dir, external=external, progress=progress,
+                           every=every, unlearned=held_back, consolidate=consolidate, ppl_texts=ppl_texts)
     result["data"] = str(data)
-    files = {"result": out_dir / f"continual-gate-{switch}.json", "heatmap": out_dir / f"heatmap-gate-{switch}.png"}
+    files = {"result": out_dir / f"continual-{label}.json", "heatmap": out_dir / f"heatmap-{label}.png"}
     files["result"].write_text(json.dumps(result, indent=2), encoding="utf-8")
     heatmap(result, files["heatmap"],
-            f"seal-agent eval continual: {n} passages, gate {switch}, self-edits {result['self_edits']}")
+            f"seal-agent eval continual: {n} passages, {label}, self-edits {result['self_edits']}")
     return result, files
 
 

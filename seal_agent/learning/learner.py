@@ -88,6 +88,10 @@ class PassageReport:
     checked: bool = False
     forgetting: dict[str, Any] | None = None
     error: str | None = None
+    # memory.mode = "modules": the module that learned the passage, and why its
+    # learning is in doubt (its questions did not improve, or it had none).
+    module: int | None = None
+    flagged: str | None = None
     seconds: float = 0.0
     # Seconds per stage (self-edit, questions, qa-before (the passage's QAs and
     # uncached replay QAs, one batch), train, replay or qa-after, commit), summed
@@ -163,6 +167,8 @@ class DocumentReport:
             "failed": sum(p.status == "failed" for p in self.passages),
             "rejected": sum(p.status == "rejected-forgetting" for p in self.passages),
             "version": self.version,
+            "modules": sorted({p.module for p in self.passages if p.module is not None}),
+            "flagged": sum(p.flagged is not None for p in self.passages),
             "self_edit": {
                 "chars": sum(p.self_edit_chars for p in self.passages),
                 "items": sum(p.self_edit_items for p in self.passages),
@@ -261,19 +267,23 @@ class Learner:
         report = DocumentReport(recorded_as or str(path), doc.title, doc.kind, doc_id, self.live.version)
         progress("document", {"path": report.document, "title": doc.title, "passages": len(doc.passages)})
         status = "interrupted"  # unless the loop below completes
-        drafts: dict[int, Draft] = {}
         try:
-            for i, passage in enumerate(doc.passages):
-                progress("passage", {"index": i, "total": len(doc.passages)})
-                if i not in drafts:
-                    drafts.update(self._drafts(doc.passages, i, progress))
-                report.passages.append(self.learn_passage(passage, i, doc_id, progress, drafts.pop(i, None)))
+            self._learn_document(doc, doc_id, report, progress)
             status = report.status
         finally:
             report.version = self.live.version
             report.seconds = time.perf_counter() - t0
             self.state.finish_document(doc_id, status, report.as_dict())
         return report
+
+    def _learn_document(self, doc: Document, doc_id: int, report: DocumentReport, progress: Progress) -> None:
+        """Each passage one update, merged (appending to `report.passages` as it goes)."""
+        drafts: dict[int, Draft] = {}
+        for i, passage in enumerate(doc.passages):
+            progress("passage", {"index": i, "total": len(doc.passages)})
+            if i not in drafts:
+                drafts.update(self._drafts(doc.passages, i, progress))
+            report.passages.append(self.learn_passage(passage, i, doc_id, progress, drafts.pop(i, None)))
 
     # -- one passage -----------------------------------------------------
     def _seed(self, passage_hash: str) -> int:

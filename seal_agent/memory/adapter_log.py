@@ -32,8 +32,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-_VERSION_DIR = re.compile(r"^v(\d{4,})$")
-
 
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
@@ -86,10 +84,13 @@ def write_json(path: Path, data: Any) -> None:
 
 
 class AdapterLog:
-    """One line of versions (e.g. knowledge, policy) under `root`."""
+    """One line of versions (e.g. knowledge, policy, modules) under `root`;
+    version N lives in `<prefix>NNNN/`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, prefix: str = "v"):
         self.root = root
+        self.prefix = prefix
+        self._dir = re.compile(rf"^{re.escape(prefix)}(\d{{4,}})$")
         self.root.mkdir(parents=True, exist_ok=True)
         self.snapshots = root / "snapshots"
 
@@ -100,15 +101,14 @@ class AdapterLog:
             shutil.rmtree(leftover, ignore_errors=True)
         return leftovers
 
-    @staticmethod
-    def name(version: int) -> str:
-        return f"v{version:04d}"
+    def name(self, version: int) -> str:
+        return f"{self.prefix}{version:04d}"
 
     def path(self, version: int) -> Path:
         return self.root / self.name(version)
 
     def versions(self) -> list[int]:
-        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_DIR.match(p.name)))
+        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := self._dir.match(p.name)))
 
     def has(self, version: int) -> bool:
         return (self.path(version) / "manifest.json").exists()
@@ -153,7 +153,7 @@ class AdapterLog:
             return []
         return sorted(
             int(m.group(1)) for p in self.snapshots.iterdir()
-            if (m := _VERSION_DIR.match(p.name)) and (p / "model.safetensors").exists()
+            if (m := self._dir.match(p.name)) and (p / "model.safetensors").exists()
         )
 
     def write_snapshot(self, version: int, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:

@@ -106,7 +106,7 @@ class LiveModel:
         """A new model object holding `version`'s weights (the live one is not touched)."""
         if self.state.version(version) is None:
             raise SealError(f"no version {version} (see `seal-agent history`)")
-        chain = self.state.lineage(version)
+        chain = self.state.weights_lineage(version)
         missing = [v for v in chain[1:] if not self.log.has(v)]
         if missing:
             raise SealError(f"version {version} cannot be rebuilt: adapter(s) {missing} missing from {self.log.root}")
@@ -130,26 +130,30 @@ class LiveModel:
         every = self.cfg.adapter_log.snapshot_every
         if every <= 0 or self.version in (None, 0):
             return None
-        chain = self.state.lineage(self.version)
+        chain = self.state.weights_lineage(self.version)
         snapshots = set(self.log.snapshot_versions())
         last = max((i for i, v in enumerate(chain) if v in snapshots), default=0)
         if len(chain) - 1 - last < every:
             return None
-        return self.consolidate()
+        return self.snapshot()
 
-    def consolidate(self) -> int | None:
-        """Save a snapshot of the live weights now (unless the live version is
-        the base or already has one); returns the version snapshotted."""
-        if self.version in (None, 0) or self.version in set(self.log.snapshot_versions()):
+    def snapshot(self) -> int | None:
+        """Save a snapshot of the live weights now (unless they are the base's or
+        already have one); returns the version snapshotted: the live version's
+        last weight change (a module version only routes)."""
+        if self.version is None:
             return None
-        chain = self.state.lineage(self.version)
+        chain = self.state.weights_lineage(self.version)
+        version = chain[-1]
+        if version == 0 or version in set(self.log.snapshot_versions()):
+            return None
         self.log.write_snapshot(
-            self.version, self.model.state_dict(),
-            {"version": self.version, "created_at": now(), "lineage": chain},
+            version, self.model.state_dict(),
+            {"version": version, "created_at": now(), "lineage": chain},
         )
-        self.log.prune_snapshots(self.cfg.adapter_log.keep_snapshots, protect={self.version})
-        self.state.event("snapshot", f"consolidated snapshot at version {self.version}", version=self.version)
-        return self.version
+        self.log.prune_snapshots(self.cfg.adapter_log.keep_snapshots, protect={version})
+        self.state.event("snapshot", f"snapshot of the weights at version {version}", version=version)
+        return version
 
 
 def discard_uncommitted(state: State, log_: AdapterLog) -> list[int]:

@@ -141,6 +141,25 @@ SCHEMA = [
         PRIMARY KEY (policy, context_id)
     );
     """,
+    # 5: knowledge modules (issue 19). A version's routing table (the module ids
+    # it answers with) and its kind (merge | module | consolidation) are in its stats.
+    """
+    CREATE TABLE modules (
+        id INTEGER PRIMARY KEY,        -- adapters/modules/m<id>
+        document_id INTEGER REFERENCES documents(id),
+        passage_hashes TEXT NOT NULL,  -- JSON list
+        trained_on INTEGER NOT NULL,   -- the version whose weights it was trained on
+        created_at TEXT NOT NULL,
+        stats TEXT NOT NULL            -- JSON: training, QA before/after, flagged
+    );
+    CREATE TABLE module_keys (
+        id INTEGER PRIMARY KEY,
+        module_id INTEGER NOT NULL REFERENCES modules(id),
+        text TEXT NOT NULL,            -- a passage or one of its sentences
+        embedding BLOB NOT NULL        -- float32, L2-normalized
+    );
+    CREATE INDEX module_keys_module ON module_keys(module_id);
+    """,
 ]
 
 
@@ -261,6 +280,13 @@ class State:
             chain.append(v)
             v = parents[v]
         return chain[::-1]
+
+    def weights_lineage(self, version: int) -> list[int]:
+        """The versions of `version`'s lineage that changed the weights (merges,
+        consolidations), in merge order: a module version only routes."""
+        kinds = {r["version"]: json.loads(r["stats"]).get("kind", "merge")
+                 for r in self.query("SELECT version, stats FROM versions")}
+        return [v for v in self.lineage(version) if kinds[v] != "module"]
 
     def learned_passages(self, version: int) -> dict[str, int]:
         """passage hash -> the version that learned it, for passages in `version`'s lineage."""

@@ -165,6 +165,17 @@ class Merged:
         return self.peft_model.unload()
 
 
+@contextlib.contextmanager
+def applied(model, adapter_dir) -> Iterator:
+    """`model` with a stored adapter merged in for the block (`Merged`), and
+    after it the very same weight tensors as before, bit for bit."""
+    merged = Merged(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False))
+    try:
+        yield model
+    finally:
+        merged.discard()
+
+
 def tokenize(tokenizer, examples: list[Example], max_length: int, loss_on: str, append_eos: bool = False):
     """Each example -> (input_ids, labels) 1-D tensors; labels are -100 where no loss is taken."""
     out = []

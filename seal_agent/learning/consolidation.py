@@ -1,0 +1,233 @@
+"""Consolidation: the modules folded into new consolidated weights, in bulk.
+
+The slow memory (`seal-agent consolidate`, or `schedule.consolidate` in the
+daemon, with `memory.mode = "modules"`):
+  1. one LoRA is trained on the stored training data of every module of the
+     live line (each passage with its accepted self-edit, as it was learned:
+     the routed modules, and those absorbed before, whose rehearsal keeps what
+     the weights already hold) on the live consolidated weights, and merged in
+     reversibly (`Merged`);
+  2. per routed module, the new weights alone answer its documents' replay QAs:
+     a document now answered at least as well as by its module (the module's
+     recorded answers) is *absorbed*: its module leaves the routing table (and
+     stays on disk). The others keep their modules, re-checked on the new weights;
+  3. it goes live only if the documents absorbed before (held by the weights,
+     with no module) lose at most `memory.max_forgetting` of the replay answers
+     the old weights knew, and no kept module loses more than that of its
+     answers on the new weights; otherwise the old weights come back exactly;
+  4. a live consolidation is a version of its own: the merged adapter in the
+     adapter log (knowledge/vNNNN) before the database makes it live with the
+     new routing table, in one transaction.
+It yields to waiting documents (`should_stop`, between training steps): the
+weights stay as they were and nothing is recorded but the event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..config import Config, to_dict
+from ..errors import TrainingDiverged
+from ..memory.knowledge import Knowledge, routed_modules
+from ..memory.live import LiveModel, fingerprints
+from ..memory.modules import Module, ModuleStore
+from ..memory.replay import BankQA, ReplayBank
+from ..memory.state import State, VersionRow, now
+from ..model.inner_loop import Example, Merged, train_adapter
+from ..model.loader import compute_dtypes
+from ..policy import Policy
+from ..progress import Progress, no_progress
+from ..qa import answering as qa_mod
+
+
+class _Yielded(Exception):
+    """A document is waiting: the consolidation stops where it is."""
+
+
+def lost_share(before: dict[int, bool], after: dict[int, bool]) -> float:
+    """Share of the answers known before that are wrong after (0 when none was known)."""
+    known = [i for i, ok in before.items() if ok]
+    return sum(not after.get(i, False) for i in known) / len(known) if known else 0.0
+
+
+def accuracy(marks: dict[int, bool]) -> float | None:
+    return sum(marks.values()) / len(marks) if marks else None
+
+
+class Consolidation:
+    def __init__(self, cfg: Config, state: State, live: LiveModel, store: ModuleStore, knowledge: Knowledge,
+                 bank: ReplayBank, policy: Policy):
+        self.cfg, self.state, self.live, self.store = cfg, state, live, store
+        self.knowledge, self.bank, self.policy = knowledge, bank, policy
+        self.dtypes = compute_dtypes(cfg)
+
+    # -- what it trains on, what it checks ---------------------------------
+    def line_modules(self, version: int) -> list[Module]:
+        """Every module learned on `version`'s line, routed or absorbed, oldest first."""
+        ids = [self.state.version(v).stats["module"] for v in self.state.lineage(version)
+               if self.state.version(v).stats.get("kind") == "module"]
+        return self.store.of(ids)
+
+    def examples(self, modules: list[Module]) -> list[Example]:
+        out: list[Example] = []
+        for m in modules:
+            for h in m.passage_hashes:
+                row = self.state.passage(h)
+                if row is None:
+                    continue
+                accepted = [e for e in self.state.self_edits(h) if e["outcome"] == "accepted"]
+                out += self.policy.examples(accepted[-1]["text"] if accepted else "", row["title"], row["text"])
+        return out
+
+    def qas(self, module: Module, lineage: list[int]) -> list[BankQA]:
+        hashes = set(module.passage_hashes)
+        return [q for q in self.bank.active(lineage) if q.passage_hash in hashes]
+
+    def _marks(self, model, qas: list[BankQA]) -> dict[int, bool]:
+        scored = qa_mod.evaluate(model, self.live.tokenizer, [q.as_question() for q in qas], self.cfg.qa,
+                                 use_chat=self.cfg.model.use_chat_template, compute_dtype=self.dtypes.answer,
+                                 until_correct=True)
+        return {q.id: s.correct for q, s in zip(qas, scored)}
+
+    def _with_module(self, model, module: Module, qas: list[BankQA]) -> dict[int, bool]:
+        from ..model.inner_loop import applied
+
+        with applied(model, self.store.path(module.id)) as m:
+            return self._marks(m, qas)
+
+    # -- the run -----------------------------------------------------------
+    def run(self, should_stop: Callable[[], bool] = lambda: False, progress: Progress = no_progress,
+            ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.live.ensure_loaded()
+        parent = self.live.version
+        routed = routed_modules(self.state, parent)
+        if not routed:
+            return {"decision": "nothing", "reason": "no module is routed: nothing to consolidate",
+                    "version": parent}
+        lineage = self.state.lineage(parent)
+        line = self.line_modules(parent)
+        routed_set = set(routed)
+        held = [m for m in line if m.id not in routed_set]  # absorbed by an earlier consolidation
+        examples = self.examples(line)
+        model, tokenizer = self.live.model, self.live.tokenizer
+
+        # Before: the old weights on what they hold; each routed module as recorded when learned.
+        progress("consolidate-before", {"modules": len(routed), "held": len(held)})
+        held_qas = [q for m in held for q in self.qas(m, lineage)]
+        held_before = self._marks(model, held_qas)
+        module_qas = {m.id: self.qas(m, lineage) for m in self.store.of(routed)}
+        module_before = {}
+        for m in self.store.of(routed):
+            qas = module_qas[m.id]
+            recorded = self.bank.cached(m.stats.get("version", -1), [q.id for q in qas])
+            module_before[m.id] = recorded if len(recorded) == len(qas) else self._with_module(model, m, qas)
+
+        progress("consolidate-train", {"examples": len(examples)})
+        train_cfg = _epochs(self.cfg, self.cfg.memory.consolidate_epochs)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            if should_stop():
+                raise _Yielded
+            progress("step", {"step": step, "total": total, "loss": loss})
+
+        try:
+            trained, stats = train_adapter(model, tokenizer, examples, self.cfg.lora, train_cfg, seed=self.cfg.train.seed,
+                                           compute_dtype=self.dtypes.train, on_step=on_step)
+        except _Yielded:
+            self.state.event("consolidate.yielded", "consolidation stopped for a waiting document", version=parent)
+            return {"decision": "yielded", "reason": "a document was waiting", "version": parent}
+        except TrainingDiverged as e:
+            self.state.event("consolidate.diverged", str(e), version=parent)
+            return {"decision": "diverged", "reason": str(e), "version": parent}
+
+        candidate = Merged(trained)
+        settled = False  # the candidate kept or discarded
+        try:
+            progress("consolidate-check", {"modules": len(routed)})
+            new = candidate.peft_model
+            held_after = self._marks(new, held_qas)
+            absorbed, kept, checks = [], [], []
+            for m in self.store.of(routed):
+                qas = module_qas[m.id]
+                alone = self._marks(new, qas)
+                before = module_before[m.id]
+                if qas and accuracy(alone) >= accuracy(before):
+                    absorbed.append(m.id)
+                    checks.append({"module": m.id, "n": len(qas), "module_accuracy": accuracy(before),
+                                   "weights_accuracy": accuracy(alone), "decision": "absorbed"})
+                    continue
+                rechecked = self._with_module(new, m, qas) if qas else {}
+                kept.append(m.id)
+                checks.append({"module": m.id, "n": len(qas), "module_accuracy": accuracy(before),
+                               "weights_accuracy": accuracy(alone), "rechecked_accuracy": accuracy(rechecked),
+                               "lost": round(lost_share(before, rechecked), 4), "decision": "kept"})
+            held_lost = lost_share(held_before, held_after)
+            worst_kept = max((c["lost"] for c in checks if c["decision"] == "kept"), default=0.0)
+            limit = self.cfg.memory.max_forgetting
+            result: dict[str, Any] = {
+                "parent": parent, "modules": len(routed), "absorbed": absorbed, "kept": kept,
+                "held_documents": len(held), "held_qas": len(held_qas),
+                "held_accuracy_before": accuracy(held_before), "held_accuracy_after": accuracy(held_after),
+                "held_lost": round(held_lost, 4), "kept_worst_lost": worst_kept, "checks": checks,
+                "train": stats.as_dict(), "examples": len(examples),
+            }
+            if held_lost > limit or worst_kept > limit:
+                result["decision"] = "refused"
+                result["reason"] = (f"it would lose {held_lost:.0%} of the answers the weights held and up to "
+                                    f"{worst_kept:.0%} of a kept module's (memory.max_forgetting = {limit:g})")
+                candidate.discard()
+                settled = True
+                self.state.event("consolidate.refused", f"consolidation not made live: {result['reason']}",
+                                 version=parent, data=result)
+                result["version"] = parent
+            else:
+                result["decision"] = "consolidated"
+                settled = True  # from here on _commit keeps it, or rebuilds the parent
+                result["version"] = self._commit(candidate, result, kept, examples)
+        except BaseException:
+            if not settled:
+                candidate.discard()
+            raise
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        return result
+
+    def _commit(self, candidate: Merged, result: dict[str, Any], kept: list[int], examples: list[Example]) -> int:
+        parent = result["parent"]
+        version = max(self.state.max_version(), max(self.live.log.versions(), default=0)) + 1
+        manifest = {"version": version, "parent": parent, "created_at": now(), "kind": "consolidation",
+                    "lora": to_dict(self.cfg.lora), "epochs": self.cfg.memory.consolidate_epochs,
+                    "examples": len(examples), **{k: result[k] for k in ("absorbed", "kept", "checks", "train")}}
+        try:
+            with self.live.log.staging(version) as version_dir:
+                candidate.peft_model.save_pretrained(str(version_dir))
+                self.live.model = candidate.keep()
+                fp = fingerprints(self.live.model, self.live.tokenizer)
+                self.live.log.write_manifest(version_dir, {**manifest, "fingerprint": fp})
+            row = VersionRow(version=version, parent=parent, created_at=manifest["created_at"], document_id=None,
+                             passage_hashes=[], fingerprint=fp["weights"],
+                             stats={"kind": "consolidation", "routed": kept, "absorbed": result["absorbed"],
+                                    "logits_fingerprint": fp["logits"], "stats": result["train"],
+                                    "lora": manifest["lora"]})
+            with self.state.transaction() as c:
+                self.state.add_version(row, conn=c)
+                self.state.set_meta("live_version", str(version), conn=c)
+                self.state.event("consolidate", f"version {version}: consolidated {len(result['absorbed'])} "
+                                 f"module(s) into the weights, {len(kept)} kept", version=version, conn=c,
+                                 data={k: v for k, v in result.items() if k != "checks"})
+        except BaseException:
+            if candidate.kept:  # merged for good in memory but not recorded: rebuild the parent exactly
+                self.live.load(parent)
+            else:
+                self.live.model = candidate.discard()
+            raise
+        self.live.version = version
+        return version
+
+
+def _epochs(cfg: Config, epochs: int):
+    import dataclasses
+
+    return dataclasses.replace(cfg.train, epochs=epochs)

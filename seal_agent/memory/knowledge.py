@@ -1,0 +1,122 @@
+"""What a version knows, asked the one way every caller asks it.
+
+A version's knowledge is its weights (the live model) plus its routing table
+(the modules it routes to). `ask`, the API, the daemon, `eval continual`,
+`replay check` and consolidation's checks all answer through `Knowledge`: each
+question is routed (memory/modules.py), the questions routed to one module are
+answered together with that module merged in (`applied`: the weights are bit
+for bit the same afterwards), the rest by the weights alone. A version with no
+modules (every version of the merge line) routes nothing and answers as the
+plain model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..config import Config
+from ..model.inner_loop import applied
+from ..model.loader import answer_dtype
+from ..qa import answering as qa_mod
+from .embedding import Embedder
+from .modules import ModuleStore, Route, Router
+from .state import State
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    route: Route
+
+
+def routed_modules(state: State, version: int) -> list[int]:
+    row = state.version(version)
+    return list(row.stats.get("routed", [])) if row is not None else []
+
+
+def by_module(model, store: ModuleStore, routes: Sequence[Route], items: Sequence,
+              run: Callable[[object, list], list[T]]) -> list[T]:
+    """`run(model, items)` once per module the items are routed to (with it
+    applied) and once for the unrouted ones; results in the items' order."""
+    out: list[T | None] = [None] * len(items)
+    groups: dict[int | None, list[int]] = {}
+    for i, r in enumerate(routes):
+        groups.setdefault(r.module, []).append(i)
+    for module, where in sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        chosen = [items[i] for i in where]
+        if module is None:
+            results = run(model, chosen)
+        else:
+            with applied(model, store.path(module)) as with_module:
+                results = run(with_module, chosen)
+        for i, r in zip(where, results):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+class Knowledge:
+    """The live version's weights and routing table, answering questions."""
+
+    def __init__(self, cfg: Config, state: State, store: ModuleStore, embedder: Callable[[], Embedder]):
+        self.cfg, self.state, self.store = cfg, state, store
+        self._embedder_factory = embedder
+        self._embedder: Embedder | None = None
+        self._router: tuple[tuple[int, ...], Router] | None = None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = self._embedder_factory()
+        return self._embedder
+
+    def router(self, version: int) -> Router:
+        """The router over `version`'s routing table (rebuilt when the table changes)."""
+        routed = tuple(routed_modules(self.state, version))
+        if self._router is None or self._router[0] != routed:
+            if routed:
+                router = Router.over(self.store, self.embedder, routed, self.cfg.memory.route_threshold)
+            else:  # nothing to route to: no embedding model needed
+                router = _NoRoutes()
+            self._router = (routed, router)
+        return self._router[1]
+
+    def route(self, version: int, texts: list[str]) -> list[Route]:
+        return self.router(version).route(texts)
+
+    def route_questions(self, version: int, questions: list[qa_mod.Question]) -> list[Route]:
+        """Questions are routed as the model is asked them (`qa.question_template`)."""
+        return self.route(version, [qa_mod.question_text(q, self.cfg.qa) for q in questions])
+
+    def evaluate(self, model, tokenizer, version: int, questions: list[qa_mod.Question], *,
+                 until_correct: bool = False) -> tuple[list[qa_mod.Scored], list[Route]]:
+        routes = self.route_questions(version, questions)
+
+        def run(m, qs: list[qa_mod.Question]) -> list[qa_mod.Scored]:
+            return qa_mod.evaluate(m, tokenizer, qs, self.cfg.qa, use_chat=self.cfg.model.use_chat_template,
+                                   compute_dtype=answer_dtype(self.cfg), until_correct=until_correct)
+
+        return by_module(model, self.store, routes, questions, run), routes
+
+    def answer(self, model, tokenizer, version: int, questions: list[qa_mod.Question],
+               max_new_tokens: int | None = None) -> list[Answer]:
+        routes = self.route_questions(version, questions)
+
+        def run(m, qs: list[qa_mod.Question]) -> list[str]:
+            return qa_mod.answer(m, tokenizer, qs, self.cfg.qa, use_chat=self.cfg.model.use_chat_template,
+                                 compute_dtype=answer_dtype(self.cfg), max_new_tokens=max_new_tokens)
+
+        texts = by_module(model, self.store, routes, questions, run)
+        return [Answer(t, r) for t, r in zip(texts, routes)]
+
+
+class _NoRoutes:
+    """The router of a version that routes to no module."""
+
+    modules = 0
+
+    def route(self, texts: list[str]) -> list[Route]:
+        return [Route(None, -1.0) for _ in texts]
