@@ -148,15 +148,7 @@ class SealAgent:
         [a] = self.knowledge.answer(live.model, live.tokenizer, live.version, [Question(question, "")],
                                     max_new_tokens=max_new_tokens)
         return {"question": question, "answer": a.text, "version": live.version,
-                "modules": self._modules_used(a.route)}
-
-    def _modules_used(self, route) -> list[dict[str, Any]]:
-        if route.module is None:
-            return []
-        module = self.modules.get(route.module)
-        doc = self.state.document(module.document_id) if module and module.document_id is not None else None
-        return [{"module": route.module, "score": round(route.score, 4),
-                 "document": doc["path"] if doc else None, "title": doc["title"] if doc else None}]
+                "modules": self.knowledge.used(a.route)}
 
     def history(self) -> list[dict[str, Any]]:
         live = self.state.live_version()

@@ -91,6 +91,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"jobs: {q['queued']} queued, {q['learning']} learning, {q['done']} done, {q['rejected']} rejected, "
         f"{q['failed']} failed",
         f"replay bank: {s['replay_bank']['qas']} QAs from {s['replay_bank']['documents']} documents",
+        f"memory: {s['memory']['mode']}, {s['memory']['routed_modules']} modules routed "
+        f"({s['memory']['modules']} learned, {len(s['memory']['flagged'])} flagged)",
+        *[f"  flagged m{f['module']:04d} {f['document']}: {f['why']}" for f in s['memory']['flagged']],
         f"policy: {s['policy']['name']} (version {s['policy']['version']})" + (
             f"; last ReSTEM round {r['round']}: {r['decision']} ({r['finished_at'] or 'running'})"
             if (r := s["policy"]["last_round"]) else ""),

@@ -66,6 +66,10 @@ def _print_learn(report: dict[str, Any]) -> None:
     if qa:
         after = "n/a" if qa["after"] is None else f"{qa['after']:.1%}"
         parts.append(f"  questions ({qa['n']}, no passage in context): before {qa['before']:.1%} -> after {after}")
+    if report.get("modules"):
+        flagged = {p["flagged"] for p in report["passage_reports"] if p.get("flagged")}
+        parts.append("  knowledge module(s): " + ", ".join(f"m{m:04d}" for m in report["modules"])
+                     + "".join(f" [yellow](flagged: {why})[/yellow]" for why in sorted(flagged)))
     f = report.get("forgetting")
     if f and f["replay_n"]:
         parts.append(
@@ -148,7 +152,9 @@ def ask(ctx: click.Context, question: str, max_tokens: int | None, as_json: bool
         emit_json(result)
     else:
         out.print(result["answer"], highlight=False)
-        err.print(f"[dim](version {result['version']})[/dim]")
+        used = ", ".join(f"module m{m['module']:04d} ({m['title']}, similarity {m['score']:.2f})"
+                         for m in result["modules"]) or "no module"
+        err.print(f"[dim](version {result['version']}, {used})[/dim]", highlight=False)
 
 
 # -- history -------------------------------------------------------------
@@ -184,20 +190,57 @@ def history(ctx: click.Context, as_json: bool, events: int | None) -> None:
     if not rows:
         out.print("no versions yet: the base model becomes version 0 when it is first loaded (learn or ask)")
         return
-    table = Table(title="model versions (● = live)")
-    for col in ("version", "parent", "created (UTC)", "document", "loss", "train s", "QA"):
+    table = Table(title="model versions (● = live): the weights line (base, merge, consolidation) and "
+                        "the modules line (module: the weights stay, the routing table grows)")
+    for col in ("version", "parent", "kind", "routed", "created (UTC)", "document", "loss", "train s", "QA"):
         table.add_column(col, overflow="fold")
     for r in rows:
         qa = r["qa"]
         qa_text = f"{qa['before']:.0%}→{qa['after']:.0%}" if qa and qa.get("after") is not None else ""
+        kind = r["kind"] + (f" m{r['module']:04d}" if r["module"] is not None else "") + (" ⚑" if r["flagged"] else "")
+        if r["kind"] == "consolidation":
+            document = f"({len(r['absorbed'])} modules absorbed)"
+        else:
+            document = Path(r["documents"][0]).name if r["documents"] else "(base model)"
         table.add_row(
             f"{r['version']}{' ●' if r['live'] else ''}", "" if r["parent"] is None else str(r["parent"]),
-            r["created_at"][5:16].replace("T", " "),
-            Path(r["documents"][0]).name if r["documents"] else "(base model)",
+            kind, str(r["routed"]), r["created_at"][5:16].replace("T", " "), document,
             "" if r["final_loss"] is None else f"{r['final_loss']:.3f}",
             "" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", qa_text,
         )
     out.print(table)
+
+
+# -- consolidate ---------------------------------------------------------
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@global_options
+@click.pass_context
+@handle_errors
+def consolidate(ctx: click.Context, as_json: bool) -> None:
+    """Fold the routed knowledge modules into new consolidated weights (memory.mode = "modules").
+
+    A document whose questions the new weights answer as well as its module is
+    absorbed (its module leaves the routing table); the rest keep their modules.
+    Not made live if it would lose answers the weights knew (memory.max_forgetting).
+    """
+    def progress(stage: str, info: dict[str, Any]) -> None:
+        if stage == "consolidate-train":
+            err.print(f"[dim]training new weights on {info['examples']} sequences[/dim]")
+        elif stage == "consolidate-check":
+            err.print(f"[dim]checking {info['modules']} module(s) against the new weights[/dim]")
+
+    result = agent_of(ctx).consolidate(progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    if result["decision"] != "consolidated":
+        out.print(f"{result['decision']}: {result['reason']} (live version {result['version']})", highlight=False)
+        return
+    out.print(f"version {result['version']}: {len(result['absorbed'])} of {result['modules']} modules absorbed, "
+              f"{len(result['kept'])} kept; documents held before: {result['held_accuracy_before']} -> "
+              f"{result['held_accuracy_after']} ({result['seconds']} s)", highlight=False)
 
 
 # -- rollback ------------------------------------------------------------

@@ -5,8 +5,8 @@ daemon, with `memory.mode = "modules"`):
   1. one LoRA is trained on the stored training data of every module of the
      live line (each passage with its accepted self-edit, as it was learned:
      the routed modules, and those absorbed before, whose rehearsal keeps what
-     the weights already hold) on the live consolidated weights, and merged in
-     reversibly (`Merged`);
+     the weights already hold) on a copy of the live consolidated weights, and
+     merged into that copy (the live weights are not touched until it goes live);
   2. per routed module, the new weights alone answer its documents' replay QAs:
      a document now answered at least as well as by its module (the module's
      recorded answers) is *absorbed*: its module leaves the routing table (and
@@ -14,7 +14,7 @@ daemon, with `memory.mode = "modules"`):
   3. it goes live only if the documents absorbed before (held by the weights,
      with no module) lose at most `memory.max_forgetting` of the replay answers
      the old weights knew, and no kept module loses more than that of its
-     answers on the new weights; otherwise the old weights come back exactly;
+     answers on the new weights; otherwise the copy is dropped;
   4. a live consolidation is a version of its own: the merged adapter in the
      adapter log (knowledge/vNNNN) before the database makes it live with the
      new routing table, in one transaction.
@@ -24,8 +24,10 @@ weights stay as they were and nothing is recorded but the event.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config, to_dict
@@ -35,7 +37,7 @@ from ..memory.live import LiveModel, fingerprints
 from ..memory.modules import Module, ModuleStore
 from ..memory.replay import BankQA, ReplayBank
 from ..memory.state import State, VersionRow, now
-from ..model.inner_loop import Example, Merged, train_adapter
+from ..model.inner_loop import Example, applied, train_adapter
 from ..model.loader import compute_dtypes
 from ..policy import Policy
 from ..progress import Progress, no_progress
@@ -46,6 +48,10 @@ class _Yielded(Exception):
     """A document is waiting: the consolidation stops where it is."""
 
 
+class _Refused(Exception):
+    """The checks refuse the new weights: their staged directory is dropped."""
+
+
 def lost_share(before: dict[int, bool], after: dict[int, bool]) -> float:
     """Share of the answers known before that are wrong after (0 when none was known)."""
     known = [i for i, ok in before.items() if ok]
@@ -54,6 +60,46 @@ def lost_share(before: dict[int, bool], after: dict[int, bool]) -> float:
 
 def accuracy(marks: dict[int, bool]) -> float | None:
     return sum(marks.values()) / len(marks) if marks else None
+
+
+def absorbs(module: dict[int, bool], alone: dict[int, bool]) -> bool:
+    """A document is absorbed when the new weights alone answer its QAs at least
+    as well as its module did (a document without QAs cannot show it: kept)."""
+    return bool(module) and accuracy(alone) >= accuracy(module)
+
+
+@dataclass
+class Verdict:
+    absorbed: list[int]
+    kept: list[int]
+    held_lost: float  # share of the held documents' known answers the new weights lose
+    worst_kept: float  # the largest share a kept module loses on the new weights
+    refused: bool
+    checks: list[dict[str, Any]]
+
+
+def decide(module_before: dict[int, dict[int, bool]], alone: dict[int, dict[int, bool]],
+           rechecked: dict[int, dict[int, bool]], held_before: dict[int, bool], held_after: dict[int, bool],
+           limit: float) -> Verdict:
+    """Consolidation's decision, from correctness per QA id: each routed module's
+    recorded answers (`module_before`), the new weights' alone (`alone`), the
+    kept modules' on the new weights (`rechecked`), and the held documents'
+    answers from the old and new weights."""
+    absorbed, kept, checks = [], [], []
+    for m, before in module_before.items():
+        check = {"module": m, "n": len(before), "module_accuracy": accuracy(before),
+                 "weights_accuracy": accuracy(alone[m])}
+        if absorbs(before, alone[m]):
+            absorbed.append(m)
+            checks.append({**check, "decision": "absorbed"})
+        else:
+            kept.append(m)
+            again = rechecked.get(m, {})
+            checks.append({**check, "rechecked_accuracy": accuracy(again),
+                           "lost": round(lost_share(before, again), 4), "decision": "kept"})
+    held_lost = lost_share(held_before, held_after)
+    worst_kept = max((c["lost"] for c in checks if c["decision"] == "kept"), default=0.0)
+    return Verdict(absorbed, kept, held_lost, worst_kept, held_lost > limit or worst_kept > limit, checks)
 
 
 class Consolidation:
@@ -92,8 +138,6 @@ class Consolidation:
         return {q.id: s.correct for q, s in zip(qas, scored)}
 
     def _with_module(self, model, module: Module, qas: list[BankQA]) -> dict[int, bool]:
-        from ..model.inner_loop import applied
-
         with applied(model, self.store.path(module.id)) as m:
             return self._marks(m, qas)
 
@@ -133,9 +177,11 @@ class Consolidation:
                 raise _Yielded
             progress("step", {"step": step, "total": total, "loss": loss})
 
+        new_model = copy.deepcopy(model)  # trained and checked apart: the live weights are never touched
         try:
-            trained, stats = train_adapter(model, tokenizer, examples, self.cfg.lora, train_cfg, seed=self.cfg.train.seed,
-                                           compute_dtype=self.dtypes.train, on_step=on_step)
+            trained, stats = train_adapter(new_model, tokenizer, examples, self.cfg.lora, train_cfg,
+                                           seed=self.cfg.train.seed, compute_dtype=self.dtypes.train,
+                                           on_step=on_step)
         except _Yielded:
             self.state.event("consolidate.yielded", "consolidation stopped for a waiting document", version=parent)
             return {"decision": "yielded", "reason": "a document was waiting", "version": parent}
@@ -143,88 +189,63 @@ class Consolidation:
             self.state.event("consolidate.diverged", str(e), version=parent)
             return {"decision": "diverged", "reason": str(e), "version": parent}
 
-        candidate = Merged(trained)
-        settled = False  # the candidate kept or discarded
+        version = max(self.state.max_version(), max(self.live.log.versions(), default=0)) + 1
+        limit = self.cfg.memory.max_forgetting
         try:
-            progress("consolidate-check", {"modules": len(routed)})
-            new = candidate.peft_model
-            held_after = self._marks(new, held_qas)
-            absorbed, kept, checks = [], [], []
-            for m in self.store.of(routed):
-                qas = module_qas[m.id]
-                alone = self._marks(new, qas)
-                before = module_before[m.id]
-                if qas and accuracy(alone) >= accuracy(before):
-                    absorbed.append(m.id)
-                    checks.append({"module": m.id, "n": len(qas), "module_accuracy": accuracy(before),
-                                   "weights_accuracy": accuracy(alone), "decision": "absorbed"})
-                    continue
-                rechecked = self._with_module(new, m, qas) if qas else {}
-                kept.append(m.id)
-                checks.append({"module": m.id, "n": len(qas), "module_accuracy": accuracy(before),
-                               "weights_accuracy": accuracy(alone), "rechecked_accuracy": accuracy(rechecked),
-                               "lost": round(lost_share(before, rechecked), 4), "decision": "kept"})
-            held_lost = lost_share(held_before, held_after)
-            worst_kept = max((c["lost"] for c in checks if c["decision"] == "kept"), default=0.0)
-            limit = self.cfg.memory.max_forgetting
-            result: dict[str, Any] = {
-                "parent": parent, "modules": len(routed), "absorbed": absorbed, "kept": kept,
-                "held_documents": len(held), "held_qas": len(held_qas),
-                "held_accuracy_before": accuracy(held_before), "held_accuracy_after": accuracy(held_after),
-                "held_lost": round(held_lost, 4), "kept_worst_lost": worst_kept, "checks": checks,
-                "train": stats.as_dict(), "examples": len(examples),
-            }
-            if held_lost > limit or worst_kept > limit:
-                result["decision"] = "refused"
-                result["reason"] = (f"it would lose {held_lost:.0%} of the answers the weights held and up to "
-                                    f"{worst_kept:.0%} of a kept module's (memory.max_forgetting = {limit:g})")
-                candidate.discard()
-                settled = True
-                self.state.event("consolidate.refused", f"consolidation not made live: {result['reason']}",
-                                 version=parent, data=result)
-                result["version"] = parent
-            else:
-                result["decision"] = "consolidated"
-                settled = True  # from here on _commit keeps it, or rebuilds the parent
-                result["version"] = self._commit(candidate, result, kept, examples)
-        except BaseException:
-            if not settled:
-                candidate.discard()
-            raise
+            with self.live.log.staging(version) as version_dir:
+                trained.save_pretrained(str(version_dir))
+                new_model = trained.merge_and_unload()
+                progress("consolidate-check", {"modules": len(routed)})
+                held_after = self._marks(new_model, held_qas)
+                modules = self.store.of(routed)
+                alone = {m.id: self._marks(new_model, module_qas[m.id]) for m in modules}
+                # Only the modules it would keep are re-checked on the new weights.
+                rechecked = {m.id: self._with_module(new_model, m, module_qas[m.id]) for m in modules
+                             if not absorbs(module_before[m.id], alone[m.id]) and module_qas[m.id]}
+                verdict = decide(module_before, alone, rechecked, held_before, held_after, limit)
+                result: dict[str, Any] = {
+                    "parent": parent, "modules": len(routed), "absorbed": verdict.absorbed, "kept": verdict.kept,
+                    "held_documents": len(held), "held_qas": len(held_qas),
+                    "held_accuracy_before": accuracy(held_before), "held_accuracy_after": accuracy(held_after),
+                    "held_lost": round(verdict.held_lost, 4), "kept_worst_lost": verdict.worst_kept,
+                    "checks": verdict.checks, "train": stats.as_dict(), "examples": len(examples),
+                }
+                if verdict.refused:
+                    raise _Refused
+                fp = fingerprints(new_model, tokenizer)
+                self.live.log.write_manifest(version_dir, {
+                    "version": version, "parent": parent, "created_at": now(), "kind": "consolidation",
+                    "lora": to_dict(self.cfg.lora), "epochs": self.cfg.memory.consolidate_epochs,
+                    "examples": len(examples), "fingerprint": fp,
+                    **{k: result[k] for k in ("absorbed", "kept", "checks", "train")}})
+        except _Refused:  # the staged directory is gone; the live weights never changed
+            result["decision"] = "refused"
+            result["reason"] = (f"it would lose {verdict.held_lost:.0%} of the answers the weights held and up to "
+                                f"{verdict.worst_kept:.0%} of a kept module's (memory.max_forgetting = {limit:g})")
+            result["version"] = parent
+            self.state.event("consolidate.refused", f"consolidation not made live: {result['reason']}",
+                             version=parent, data=result)
+            result["seconds"] = round(time.perf_counter() - t0, 1)
+            return result
+        self._record(version, result, fp)
+        self.live.model, self.live.version = new_model, version
+        result["decision"], result["version"] = "consolidated", version
         result["seconds"] = round(time.perf_counter() - t0, 1)
         return result
 
-    def _commit(self, candidate: Merged, result: dict[str, Any], kept: list[int], examples: list[Example]) -> int:
-        parent = result["parent"]
-        version = max(self.state.max_version(), max(self.live.log.versions(), default=0)) + 1
-        manifest = {"version": version, "parent": parent, "created_at": now(), "kind": "consolidation",
-                    "lora": to_dict(self.cfg.lora), "epochs": self.cfg.memory.consolidate_epochs,
-                    "examples": len(examples), **{k: result[k] for k in ("absorbed", "kept", "checks", "train")}}
-        try:
-            with self.live.log.staging(version) as version_dir:
-                candidate.peft_model.save_pretrained(str(version_dir))
-                self.live.model = candidate.keep()
-                fp = fingerprints(self.live.model, self.live.tokenizer)
-                self.live.log.write_manifest(version_dir, {**manifest, "fingerprint": fp})
-            row = VersionRow(version=version, parent=parent, created_at=manifest["created_at"], document_id=None,
-                             passage_hashes=[], fingerprint=fp["weights"],
-                             stats={"kind": "consolidation", "routed": kept, "absorbed": result["absorbed"],
-                                    "logits_fingerprint": fp["logits"], "stats": result["train"],
-                                    "lora": manifest["lora"]})
-            with self.state.transaction() as c:
-                self.state.add_version(row, conn=c)
-                self.state.set_meta("live_version", str(version), conn=c)
-                self.state.event("consolidate", f"version {version}: consolidated {len(result['absorbed'])} "
-                                 f"module(s) into the weights, {len(kept)} kept", version=version, conn=c,
-                                 data={k: v for k, v in result.items() if k != "checks"})
-        except BaseException:
-            if candidate.kept:  # merged for good in memory but not recorded: rebuild the parent exactly
-                self.live.load(parent)
-            else:
-                self.live.model = candidate.discard()
-            raise
-        self.live.version = version
-        return version
+    def _record(self, version: int, result: dict[str, Any], fp: dict[str, str]) -> None:
+        """The database's half: the version, live, in one transaction (its directory is in place)."""
+        row = VersionRow(version=version, parent=result["parent"], created_at=now(), document_id=None,
+                         passage_hashes=[], fingerprint=fp["weights"],
+                         stats={"kind": "consolidation", "routed": result["kept"], "absorbed": result["absorbed"],
+                                "logits_fingerprint": fp["logits"], "stats": result["train"],
+                                "lora": to_dict(self.cfg.lora)})
+        with self.state.transaction() as c:
+            self.state.add_version(row, conn=c)
+            self.state.set_meta("live_version", str(version), conn=c)
+            self.state.event("consolidate", f"version {version}: consolidated {len(result['absorbed'])} "
+                             f"module(s) into the weights, {len(result['kept'])} kept", version=version, conn=c,
+                             data={k: v for k, v in result.items() if k != "checks"})
 
 
 def _epochs(cfg: Config, epochs: int):

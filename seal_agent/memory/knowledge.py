@@ -12,6 +12,7 @@ plain model.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -66,6 +67,7 @@ class Knowledge:
         self._embedder_factory = embedder
         self._embedder: Embedder | None = None
         self._router: tuple[tuple[int, ...], Router] | None = None
+        self._lock = threading.Lock()  # the API's threads and the learner's route through one router
 
     @property
     def embedder(self) -> Embedder:
@@ -85,7 +87,17 @@ class Knowledge:
         return self._router[1]
 
     def route(self, version: int, texts: list[str]) -> list[Route]:
-        return self.router(version).route(texts)
+        with self._lock:
+            return self.router(version).route(texts)
+
+    def used(self, route: Route) -> list[dict]:
+        """The modules an answer used, as a user is shown them (empty: the weights alone)."""
+        if route.module is None:
+            return []
+        module = self.store.get(route.module)
+        doc = self.state.document(module.document_id) if module and module.document_id is not None else None
+        return [{"module": route.module, "score": round(route.score, 4),
+                 "document": doc["path"] if doc else None, "title": doc["title"] if doc else None}]
 
     def route_questions(self, version: int, questions: list[qa_mod.Question]) -> list[Route]:
         """Questions are routed as the model is asked them (`qa.question_template`)."""

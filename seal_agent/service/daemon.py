@@ -34,6 +34,7 @@ from ..agent import SealAgent
 from ..config import ApiConfig, Config, _resolve
 from ..documents import shown
 from ..errors import ConfigError, DocumentError, SealError
+from ..memory.knowledge import routed_modules
 from ..memory.lock import StateLock
 from ..memory.replay import counts as replay_counts
 from ..restem.rounds import RoundLog
@@ -131,7 +132,8 @@ class Daemon:
             if pruned:
                 log.info("removed %d queue copies no job needs (left by a stop)", pruned)
             live = self.agent.live
-            self.served = Served.from_config(self.cfg, copy.deepcopy(live.model), live.tokenizer, live.version)
+            self.served = Served.from_config(self.cfg, copy.deepcopy(live.model), live.tokenizer, live.version,
+                                             knowledge=self.agent.knowledge)
             self.agent.bank  # noqa: B018 - load the embedder now, not during the first job
             self.inbox = Inbox(self.inbox_dir, self.cfg.inbox, self.take)
             self.inbox.start()
@@ -402,9 +404,13 @@ class Daemon:
         """The new live weights to the API. If that fails the API stays on the version it
         has until the next job; the job is learned all the same and not retried."""
         live = self.agent.live
+        state = self.agent.state
         try:
-            if live.version != self.served.current()[1]:
-                self.served.swap(copy.deepcopy(live.model), live.version)
+            model, served_version = self.served.current()
+            if live.version != served_version:
+                same_weights = state.weights_lineage(live.version)[-1] == state.weights_lineage(served_version)[-1]
+                # a new module changes the routing table only: the served weights stay
+                self.served.swap(model if same_weights else copy.deepcopy(live.model), live.version)
         except Exception:  # the job is learned whatever happens here
             log.exception("the API could not switch to version %d; it serves the previous one", live.version)
 
@@ -420,6 +426,19 @@ class Daemon:
         return status(self.agent, self.queue, self.cfg, pid=os.getpid(), current_job=self.current_job)
 
 
+def memory_status(agent: SealAgent, live: int | None) -> dict[str, Any]:
+    """The modules routed at the live version, and those whose learning is in doubt."""
+    routed = routed_modules(agent.state, live) if live is not None else []
+    modules = agent.modules.of(routed)
+    flagged = []
+    for m in modules:
+        if m.flagged:
+            doc = agent.state.document(m.document_id) if m.document_id is not None else None
+            flagged.append({"module": m.id, "document": doc["path"] if doc else None, "why": m.flagged})
+    return {"mode": agent.cfg.memory.mode, "routed_modules": len(routed), "modules": len(agent.modules.all()),
+            "flagged": flagged}
+
+
 def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, current_job: int | None = None,
            ) -> dict[str, Any]:
     state = agent.state
@@ -427,7 +446,8 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
     row = state.version(live) if live is not None else None
     decisions = []
     for e in agent.events(200):
-        if e["kind"] in ("learn.accepted", "learn.rejected", "rollback", "restem.round", "policy.rollback"):
+        if e["kind"] in ("learn.accepted", "learn.rejected", "learn.module", "consolidate", "consolidate.refused",
+                         "rollback", "restem.round", "policy.rollback"):
             f = (e["data"] or {}).get("forgetting") or {}
             decisions.append({"ts": e["ts"], "kind": e["kind"], "version": e["version"], "message": e["message"],
                               "forgetting": {k: f.get(k) for k in ("replay_n", "before", "after", "decision")}
@@ -447,6 +467,7 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
         "current_job": current_job,
         "decisions": decisions[-cfg.daemon.status_decisions:],
         "replay_bank": {"qas": bank["qas"], "documents": bank["documents"]},
+        "memory": memory_status(agent, live),
         "policy": {"name": cfg.policy.active, "version": agent.policy_versions.active(),
                    "last_round": last_round[0] if last_round else None},
         "schedules": next_runs,

@@ -4,7 +4,12 @@ it), and a backend that only serves a model (`ServingOnly`).
 
 `Served` holds its own copy of the live weights, replaced atomically between
 requests when the learner commits a version, so answers keep flowing while an
-update trains and never come from a half-trained model. The API gets a
+update trains and never come from a half-trained model. With knowledge modules
+(`memory.mode = "modules"`) it routes each request (its last user message, or
+its prompt) through the served version's routing table, as `ask` does, and
+answers with the module merged in; the module stays merged until a request
+needs another one or none (most requests in a row are about one document), and
+merging and restoring give the very same weights each time (`Merged`). The API gets a
 backend, never the daemon (as vLLM's OpenAI server hands its routers a
 handler, not the engine); errors here say what to change, not an HTTP status.
 """
@@ -20,9 +25,14 @@ from jinja2 import TemplateError
 
 from ..config import ApiConfig, Config
 from ..errors import SealError
+from ..memory.knowledge import Knowledge
+from ..memory.modules import Route
 from ..model.generation import Completion, Sampling, TextStream, complete, has_chat_template, render_chat
+from ..model.inner_loop import Merged
 from ..model.loader import answer_dtype
 from .queue import Job
+
+NO_ROUTE = Route(None, -1.0)
 
 
 class Unservable(SealError):
@@ -47,26 +57,58 @@ def _context(model, tokenizer) -> int | None:
 class Served:
     """The model that answers requests (a copy of the live weights) and its version."""
 
-    def __init__(self, model, tokenizer, version: int, use_chat: bool = True, dtype: torch.dtype = torch.float32):
+    def __init__(self, model, tokenizer, version: int, use_chat: bool = True, dtype: torch.dtype = torch.float32,
+                 knowledge: Knowledge | None = None):
         self.model, self.tokenizer, self.version = model, tokenizer, version
         self.use_chat = use_chat
         self.dtype = dtype  # matmul dtype of its answers (model.answer_dtype)
+        self.knowledge = knowledge  # None: nothing is routed
         self.context = _context(model, tokenizer)
         self._swap = threading.Lock()
         self._generate = threading.Lock()  # one generation at a time: two would fight for the cores
+        self._merged: tuple[object, int, Merged] | None = None  # (model, module, its merge) while merged
 
     @classmethod
-    def from_config(cls, cfg: Config, model, tokenizer, version: int) -> Served:
+    def from_config(cls, cfg: Config, model, tokenizer, version: int, knowledge: Knowledge | None = None) -> Served:
         """`model` served as the config says: chat template or not, the answering dtype."""
-        return cls(model, tokenizer, version, use_chat=cfg.model.use_chat_template, dtype=answer_dtype(cfg))
+        return cls(model, tokenizer, version, use_chat=cfg.model.use_chat_template, dtype=answer_dtype(cfg),
+                   knowledge=knowledge)
 
     def swap(self, model, version: int) -> None:
+        """Serve `version` from now on: `model` holds its weights (the same object
+        when only the routing table changed)."""
         with self._swap:
             self.model, self.version = model, version
 
     def current(self):
         with self._swap:
             return self.model, self.version
+
+    def route(self, text: str) -> Route:
+        """The module a request is answered with, on the served version's routing table."""
+        if self.knowledge is None:
+            return NO_ROUTE
+        _model, version = self.current()
+        [route] = self.knowledge.route(version, [text])
+        return route
+
+    def used(self, route: Route) -> list[dict[str, Any]]:
+        return self.knowledge.used(route) if self.knowledge is not None else []
+
+    def _apply(self, model, module: int | None) -> None:
+        """`model` with `module` merged in (None: none); the generation lock is held."""
+        if self._merged is not None:
+            merged_on, current, merge = self._merged
+            if merged_on is model and current == module:
+                return
+            if merged_on is model:
+                merge.discard()  # the very same weight tensors back
+            self._merged = None  # a model no longer served is dropped whole
+        if module is not None:
+            from peft import PeftModel
+
+            path = self.knowledge.store.path(module)
+            self._merged = (model, module, Merged(PeftModel.from_pretrained(model, str(path), is_trainable=False)))
 
     def prompt_for(self, messages: list[dict[str, str]]) -> str:
         if self.use_chat and has_chat_template(self.tokenizer):
@@ -89,16 +131,38 @@ class Served:
                              "give some text", "prompt")
         return start, 1
 
-    def complete(self, prompt: str, sampling: Sampling, n: int = 1, seed: int | None = None) -> list[Completion]:
+    def complete(self, prompt: str, sampling: Sampling, n: int = 1, seed: int | None = None,
+                 route: Route = NO_ROUTE) -> list[Completion]:
         model, _version = self.current()
         with self._generate:
+            self._apply(model, route.module)
             return complete(model, self.tokenizer, [prompt] * n, sampling, seed=seed, compute_dtype=self.dtype,
                             batch_size=n)
 
-    def stream(self, prompt: str, sampling: Sampling, seed: int | None = None) -> TextStream:
+    def stream(self, prompt: str, sampling: Sampling, seed: int | None = None, route: Route = NO_ROUTE) -> TextStream:
         model, _version = self.current()
-        return TextStream(model, self.tokenizer, prompt, sampling, lock=self._generate, compute_dtype=self.dtype,
-                          seed=seed)
+        return TextStream(model, self.tokenizer, prompt, sampling, lock=_Applying(self, model, route.module),
+                          compute_dtype=self.dtype, seed=seed)
+
+
+class _Applying:
+    """The generation lock of a stream, which applies its module once taken."""
+
+    def __init__(self, served: Served, model, module: int | None):
+        self.served, self.model, self.module = served, model, module
+
+    def acquire(self, timeout: float = -1) -> bool:
+        if not self.served._generate.acquire(timeout=timeout):
+            return False
+        try:
+            self.served._apply(self.model, self.module)
+        except BaseException:
+            self.served._generate.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        self.served._generate.release()
 
 
 class ServingBackend(Protocol):

@@ -117,14 +117,16 @@ class Completions:
         self._check(req)
         for i, m in enumerate(req.messages):
             refuse_unsupported(m.model_extra, f"messages.{i}.")
-        return self._answer(Chat, req, self.served.prompt_for([m.as_dict() for m in req.messages]))
+        messages = [m.as_dict() for m in req.messages]
+        asked = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        return self._answer(Chat, req, self.served.prompt_for(messages), asked)
 
     def text(self, req: CompletionRequest) -> dict[str, Any] | StreamedAnswer:
         self._check(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise ApiError(400, "this server completes one prompt per request", param="prompt")
-        return self._answer(TextCompletion, req, prompts[0])
+        return self._answer(TextCompletion, req, prompts[0], prompts[0])
 
     def _check(self, req: Sampled) -> None:
         name = self.cfg.model_name
@@ -136,17 +138,22 @@ class Completions:
             raise ApiError(400, "n > 1 is not supported with stream: leave out stream, or send n requests",
                            param="n")
 
-    def _answer(self, shape: Shape, req: Sampled, prompt: str) -> dict[str, Any] | StreamedAnswer:
+    def _answer(self, shape: Shape, req: Sampled, prompt: str, asked: str) -> dict[str, Any] | StreamedAnswer:
+        """`asked`: the text the request is routed by (the last user message, or the prompt)."""
         served = self.served
         prompt, n_prompt = served.prepare(prompt)
         sampling = sampling_for(req, self.cfg, n_prompt, served.context, shape.prompt_param)
+        route = served.route(asked)
+        # seal_modules: the knowledge modules the answer was written with (an
+        # extension OpenAI's clients keep as an extra field), so a user can see why.
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": self.cfg.model_name, "system_fingerprint": f"seal-v{served.current()[1]}"}
+                "model": self.cfg.model_name, "system_fingerprint": f"seal-v{served.current()[1]}",
+                "seal_modules": served.used(route)}
         if req.stream:
-            stream = served.stream(prompt, sampling, req.seed)
+            stream = served.stream(prompt, sampling, req.seed, route)
             include_usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamedAnswer(_events(shape, head, stream, n_prompt, include_usage), stream)
-        done = served.complete(prompt, sampling, req.n or 1, req.seed)
+        done = served.complete(prompt, sampling, req.n or 1, req.seed, route)
         return {**head, "object": shape.object,
                 "choices": [shape.choice(i, c.text, c.finish_reason) for i, c in enumerate(done)],
                 "usage": usage(n_prompt, sum(c.tokens for c in done))}
