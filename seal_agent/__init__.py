@@ -9,8 +9,8 @@ on a cycle):
     documents, model/    files -> passages; transformers/peft mechanics
     policy               policy files -> prompts and training examples
     qa/                  asking questions, grading answers, writing questions
-    memory/              what is kept: the state database, adapters, versions, the replay bank
-    learning/            self-edits and the learner (a document -> a committed version)
+    memory/              what is kept: the state database, adapters, versions, modules, the replay bank
+    learning/            self-edits, the learners (a document -> a committed version), consolidation
     restem/              the outer loop that improves the self-edit policy
     agent                the composition root: builds the pieces from a Config
     service/             the daemon: queue, inbox, schedules, serving, the HTTP API

@@ -45,11 +45,15 @@ def test_bench_reports_every_figure(tiny_cfg):
     assert ingest["passages"] == 3 and ingest["seconds_per_passage"] > 0
     assert [("train" in st) for st in ingest["stage_seconds"]] == [True, True, True]
     assert len(ingest["passage_seconds"]) == len(ingest["statuses"]) == len(ingest["attempts"]) == 3
+    m = result["modules"]
+    assert m["routed_correctly"] and m["module_disk_mb"] > 0 and m["routing_1000"]["keys"] == 6000
+    assert_ratio(m["routed_over_unrouted_p50"], m["p50_s"]["routed_same_module"], m["p50_s"]["unrouted"], 2)
+    assert_ratio(m["alternating_over_unrouted_p50"], m["p50_s"]["routed_alternating"], m["p50_s"]["unrouted"], 2)
     q = result["query_latency"]
     assert q["idle"]["requests"] == q["while_training"]["requests"] == 3 and q["idle"]["p50_s"] > 0
     text = summary(result)  # what `seal-agent bench` prints
     for figure in ("compiling:", "speedup", "of the bf16 peak", "tok/s", "questions/s", "2,000 vectors",
-                   "s per passage", "while training", "total"):
+                   "s per passage", "while training", "routing over 1,000 modules", "total"):
         assert figure in text, figure
 
 

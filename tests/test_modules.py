@@ -326,3 +326,26 @@ def test_the_api_says_which_modules_an_answer_used(daemon_config, tmp_path):
         assert answers[0] == answers[2] and answers[1] == answers[3]
     finally:
         assert d.stop() == 0, d.log.read_text()
+
+
+def test_eval_continual_on_modules_reports_what_the_issue_asks(config, tmp_path):
+    from seal_agent.evaluation.continual import evaluate_continual
+
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps(ITEMS[:5]))
+    result, files = evaluate_continual(load_config(config), data=data, n=3, every=2, unlearned=2, consolidate=True,
+                                       ppl_data=data, ppl_n=2, self_edits="external:gpt-4.1", out_dir=tmp_path / "c")
+    assert result["mode"] == "modules" and result["refused"] == 0 and result["accepted"] == 3
+    m = result["matrix"]
+    # checkpoints after steps 2 and 3 (the last); after step 1 only the passage just learned
+    assert [len(row) for row in m] == [3, 1, 2, 3] and None not in m[2] + m[3]
+    assert [c["step"] for c in result["curve"]] == [2, 3]
+    assert result["final_mean"] == result["summary"]["final_mean"]
+    assert result["router_recall_at_1"] == 1.0 and result["router_applied_right_module"] == 1.0
+    assert result["unlearned_questions"] == sum(len(ITEMS[i]["questions"]) for i in (3, 4))
+    assert 0.0 <= result["unlearned_no_module"] <= 1.0
+    # modules never change the weights: the final perplexity is the base's; a consolidation's is not
+    ppl = result["perplexity"]
+    assert ppl["final"] == ppl["base"] and ppl["consolidated"] != ppl["base"]
+    assert result["consolidation"]["decision"] == "consolidated"
+    assert all(files[k].stat().st_size > 1000 for k in ("heatmap", "retention"))

@@ -95,3 +95,42 @@ def test_a_plain_document_gets_grounded_model_written_questions(tmp_path, models
     text = " ".join(doc.read_text().split()).lower()
     hits = [json.loads(x) for x in cli("replay", "search", "Normans", "-k", "20", "--json", *common).stdout.splitlines()]
     assert len(hits) == gen["kept"] and all(h["answer"].lower() in text for h in hits), hits
+
+
+def test_three_passages_learned_in_sequence_are_each_still_answered_after_the_third(tmp_path, models_dir):
+    """Knowledge modules (the default memory): what the merge line forgets
+    (BENCHMARKS.md, "Retention") stays, because no document's module touches
+    another's. GPT-4.1's self-edits from the data, so that each passage is learned."""
+    from seal_agent.qa.answering import questions_of
+
+    items = json.loads(SQUAD_DEV.read_text())
+    chosen = (0, 1, 8)  # Genghis Khan, European Union law, American Broadcasting Company
+    cfg = load_config(None, [f"paths.models='{models_dir}'", "memory.mode='modules'"], tmp_path / "state")
+    agent = SealAgent(cfg)
+    try:
+        live = agent.live
+        learner = agent.learner(external="gpt-4.1")
+        asked = {}
+        for i in chosen:
+            it = items[i]
+            path = tmp_path / f"p{i}.json"
+            path.write_text(json.dumps([{k: it[k] for k in ("title", "context", "questions", "external_self_edits")}]))
+            from seal_agent.documents import QA
+
+            asked[i] = questions_of(it["title"], [QA(q["question"], q["answer"]) for q in it["questions"]])
+        base = {i: agent.knowledge.evaluate(live.model, live.tokenizer, 0, asked[i])[0] for i in chosen}
+        just = {}
+        for i in chosen:
+            report = learner.learn_file(tmp_path / f"p{i}.json")
+            assert report.passages[0].status == "learned"
+            just[i] = report.passages[0].qa_after
+        after = {i: agent.knowledge.evaluate(live.model, live.tokenizer, live.version, asked[i]) for i in chosen}
+    finally:
+        agent.close()
+    for i in chosen:
+        scored, routes = after[i]
+        accuracy = sum(s.correct for s in scored) / len(scored)
+        base_accuracy = sum(s.correct for s in base[i]) / len(base[i])
+        assert accuracy > base_accuracy, (i, accuracy, base_accuracy, just[i])
+        assert accuracy == pytest.approx(just[i]), (i, accuracy, just[i])  # nothing of it was lost
+        assert all(r.module == chosen.index(i) + 1 for r in routes), routes

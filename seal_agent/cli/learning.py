@@ -190,21 +190,23 @@ def history(ctx: click.Context, as_json: bool, events: int | None) -> None:
     if not rows:
         out.print("no versions yet: the base model becomes version 0 when it is first loaded (learn or ask)")
         return
-    table = Table(title="model versions (● = live): the weights line (base, merge, consolidation) and "
-                        "the modules line (module: the weights stay, the routing table grows)")
-    for col in ("version", "parent", "kind", "routed", "created (UTC)", "document", "loss", "train s", "QA"):
+    table = Table(title="model versions (● = live; kind: base, merge or consolidation change the weights, "
+                        "a module adds to the routing table; ⚑ flagged)")
+    for col in ("version", "parent", "kind", "created (UTC)", "document", "loss", "train s", "QA"):
         table.add_column(col, overflow="fold")
     for r in rows:
         qa = r["qa"]
         qa_text = f"{qa['before']:.0%}→{qa['after']:.0%}" if qa and qa.get("after") is not None else ""
         kind = r["kind"] + (f" m{r['module']:04d}" if r["module"] is not None else "") + (" ⚑" if r["flagged"] else "")
+        if r["routed"]:
+            kind += f" ({r['routed']} routed)"
         if r["kind"] == "consolidation":
             document = f"({len(r['absorbed'])} modules absorbed)"
         else:
             document = Path(r["documents"][0]).name if r["documents"] else "(base model)"
         table.add_row(
             f"{r['version']}{' ●' if r['live'] else ''}", "" if r["parent"] is None else str(r["parent"]),
-            kind, str(r["routed"]), r["created_at"][5:16].replace("T", " "), document,
+            kind, r["created_at"][5:16].replace("T", " "), document,
             "" if r["final_loss"] is None else f"{r['final_loss']:.3f}",
             "" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", qa_text,
         )

@@ -229,10 +229,11 @@ def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8
 
 
 def ingest(cfg: Config) -> dict[str, Any]:
-    """`learn` on a small three-passage document in a scratch state directory:
-    a new passage; a near copy of it about another prize (its first update
-    tends to overwrite the first passage's answers: the forgetting gate's
-    rehearsal retry); an unrelated new passage."""
+    """`learn` on a small three-passage document in a scratch state directory, in
+    the configured memory: a new passage; a near copy of it about another prize
+    (on the merge line its first update tends to overwrite the first passage's
+    answers: the forgetting gate's rehearsal retry); an unrelated new passage.
+    With modules, the three are one document's module."""
     from ..agent import SealAgent
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,6 +291,8 @@ def run_bench(cfg: Config, policy: Policy, log: Callable[[str], None] = print, s
     result["replay_search"] = replay_search(replay_sizes)
     part("end-to-end ingest ...")
     result["ingest"] = ingest(cfg)
+    part("knowledge modules: routing, routed vs unrouted queries, size ...")
+    result["modules"] = modules(cfg, requests=query_requests)
     part("query latency through the API, learner idle vs training ...")
     result["query_latency"] = query_latency(cfg, policy, requests=query_requests)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -399,6 +402,13 @@ def summary(result: dict[str, Any]) -> str:
             f"{int(n):,} vectors p50 {v['p50_ms']} ms" for n, v in result["replay_search"].items()),
         f"ingest: {ingest['seconds_per_passage']} s per passage (training {ingest['train_seconds_per_passage']} s); "
         "passages: " + ", ".join(f"{s} s {st}" for s, st in zip(ingest["passage_seconds"], ingest["statuses"])),
+        f"knowledge modules: a module {result['modules']['module_disk_mb']} MB on disk; routing over "
+        f"{result['modules']['routing_1000']['modules']:,} modules p50 {result['modules']['routing_1000']['p50_ms']} ms "
+        f"(+ {result['modules']['embed_question_ms']} ms to embed the question); query p50 "
+        f"{result['modules']['p50_s']['unrouted']} s unrouted, {result['modules']['p50_s']['routed_same_module']} s "
+        f"routed ({result['modules']['routed_over_unrouted_p50']}x), "
+        f"{result['modules']['p50_s']['routed_alternating']} s routed between unrouted ones "
+        f"({result['modules']['alternating_over_unrouted_p50']}x)",
         f"query latency ({latency['max_tokens']} tokens via the API): p50/p95 "
         f"{latency['idle']['p50_s']}/{latency['idle']['p95_s']} s idle, "
         f"{latency['while_training']['p50_s']}/{latency['while_training']['p95_s']} s "
@@ -406,6 +416,111 @@ def summary(result: dict[str, Any]) -> str:
         f"total {result['seconds']:.0f} s",
     ]
     return "\n".join(lines)
+
+
+def routing_speed(n_modules: int = 1000, keys_per_module: int = 6, dim: int = 384, queries: int = 200,
+                  ) -> dict[str, Any]:
+    """The router's search over `n_modules` modules' keys (random unit vectors),
+    one question at a time; the question's embedding is timed apart."""
+    from ..memory.modules import Router
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n_modules * keys_per_module, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    owners = np.repeat(np.arange(1, n_modules + 1), keys_per_module)
+
+    sized = type("Sized", (), {"name": "random", "dim": dim})()  # the router needs only the size: vectors are given
+    router = Router(sized, owners, vectors, threshold=0.45)
+    xq = rng.standard_normal((queries, dim), dtype=np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    router.route_vectors(xq[:4])  # warm-up
+    lat = []
+    for q in xq:
+        t0 = time.perf_counter()
+        router.route_vectors(q[None])
+        lat.append(time.perf_counter() - t0)
+    return {"modules": n_modules, "keys": len(owners), "p50_ms": round(1000 * float(np.median(lat)), 3),
+            "p95_ms": round(1000 * float(np.percentile(lat, 95)), 3), "queries": queries}
+
+
+def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, Any]:
+    """Knowledge modules in a scratch state: one learned (the bench passage), its
+    size on disk and in memory; a question's embedding and the router's search
+    over 1,000 modules; and through the real API, side by side, the p50 latency
+    of unrouted questions, of questions routed to one module in a row (it stays
+    merged), and of routed and unrouted ones in turn (merged and taken off each time)."""
+    import socket
+    import threading
+
+    import openai
+    import uvicorn
+
+    from ..agent import SealAgent
+    from ..service.api.app import build_app
+    from ..service.serving import Served, ServingOnly
+
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = Path(tmp) / "zorblax.md"
+        doc.write_text(f"# {BENCH_TITLE}\n\n{BENCH_PASSAGE}\n")
+        agent = SealAgent(scratch_config(cfg, Path(tmp) / "state", memory={"mode": "modules"}))
+        try:
+            live = agent.live
+            t0 = time.perf_counter()
+            report = agent.learn(doc)
+            learn_s = time.perf_counter() - t0
+            [module] = report.as_dict()["modules"]
+            path = agent.modules.path(module)
+            disk = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+            routed_q, unrouted_q = f"Who won {BENCH_TITLE} in 2031?", "What is the capital of Peru?"
+            t0 = time.perf_counter()
+            for _ in range(20):
+                agent.knowledge.embedder.embed([routed_q])
+            embed_ms = 1000 * (time.perf_counter() - t0) / 20
+            served = Served.from_config(cfg, live.model, live.tokenizer, live.version, knowledge=agent.knowledge)
+            backend = ServingOnly(cfg.api, served)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1", port=port,
+                                                   log_level="error"))
+            thread = threading.Thread(target=server.run, daemon=True)
+            thread.start()
+            while not server.started:
+                time.sleep(0.05)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+            used = []
+
+            def ask(question: str) -> float:
+                t = time.perf_counter()
+                r = client.chat.completions.create(model=cfg.api.model_name, max_tokens=max_tokens,
+                                                   messages=[{"role": "user", "content": question}])
+                used.append((question, [m["module"] for m in r.model_extra["seal_modules"]]))
+                return time.perf_counter() - t
+
+            try:
+                ask(unrouted_q), ask(routed_q)  # warm-up
+                unrouted = [ask(unrouted_q) for _ in range(requests)]
+                routed_same = [ask(routed_q) for _ in range(requests)]
+                alternating = [ask(q) for _ in range(requests) for q in (routed_q, unrouted_q)][::2]
+            finally:
+                server.should_exit = True
+                thread.join(timeout=10)
+        finally:
+            agent.close()
+    routed_right = all(m == ([module] if q == routed_q else []) for q, m in used)
+    p50 = {name: round(float(np.median(lat)), 3) for name, lat in
+           (("unrouted", unrouted), ("routed_same_module", routed_same), ("routed_alternating", alternating))}
+    return {
+        "learn_seconds": round(learn_s, 1), "module_disk_mb": round(disk / 1e6, 2),
+        # in memory: a module's tensors while it is loaded, and while merged a copy of
+        # the weights it adapts (held to restore them exactly)
+        "module_memory_mb": round(disk / 1e6, 2),
+        "routed_correctly": routed_right, "embed_question_ms": round(embed_ms, 2),
+        "routing_1000": routing_speed(),
+        "p50_s": p50, "requests": requests, "max_tokens": max_tokens,
+        "routed_over_unrouted_p50": round(p50["routed_same_module"] / p50["unrouted"], 2),
+        "alternating_over_unrouted_p50": round(p50["routed_alternating"] / p50["unrouted"], 2),
+    }
 
 
 def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: int = 16) -> dict[str, Any]:

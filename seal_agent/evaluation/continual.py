@@ -264,11 +264,45 @@ def evaluate_continual(cfg: Config, *, data: Path | None = None, n: int = 8, gat
     result = run_continual(cfg, passages, gate=gate, state_dir=state_dir, external=external, progress=progress,
                            every=every, unlearned=held_back, consolidate=consolidate, ppl_texts=ppl_texts)
     result["data"] = str(data)
-    files = {"result": out_dir / f"continual-{label}.json", "heatmap": out_dir / f"heatmap-{label}.png"}
+    files = {"result": out_dir / f"continual-{label}.json", "heatmap": out_dir / f"heatmap-{label}.png",
+             "retention": out_dir / f"retention-{label}.png"}
     files["result"].write_text(json.dumps(result, indent=2), encoding="utf-8")
+    retention_chart({label: result}, files["retention"], f"seal-agent eval continual: {n} passages, {label}")
     heatmap(result, files["heatmap"],
             f"seal-agent eval continual: {n} passages, {label}, self-edits {result['self_edits']}")
     return result, files
+
+
+def curve_of(result: dict[str, Any]) -> list[tuple[int, float]]:
+    """(step, mean accuracy over the passages learned so far) at each step whose row is whole."""
+    out = []
+    for step, row in enumerate(result["matrix"][1:], start=1):
+        cells = row[:step]
+        if all(x is not None for x in cells):
+            out.append((step, sum(cells) / step))
+    return out
+
+
+def retention_chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """The retention curves of several `eval continual` results (label -> result), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, result in results.items():
+        points = curve_of(result)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel("passages learned (step)")
+    ax.set_ylabel("mean accuracy over the passages learned so far")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def heatmap(result: dict[str, Any], path: Path, title: str) -> None:
@@ -285,16 +319,20 @@ def heatmap(result: dict[str, Any], path: Path, title: str) -> None:
         for c, v in enumerate(row[:n] if r else row):
             if v is not None and (r == 0 or c < r):
                 grid[r, c] = v
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 1.2 + 0.6 * len(matrix)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+    small = n <= 16  # larger runs: no figure in each cell, every 5th label
+    scale = 0.7 if small else 0.22
+    fig, ax = plt.subplots(figsize=(2.0 + scale * n, 1.6 + scale * 0.85 * len(matrix)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for r in range(grid.shape[0]):
         for c in range(grid.shape[1]):
-            if not np.isnan(grid[r, c]):
+            if small and not np.isnan(grid[r, c]):
                 ax.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if grid[r, c] < 0.5 else "black")
-    ax.set_xticks(range(n), [f"P{j + 1}" for j in range(n)])
+    every = 1 if small else 5
+    ax.set_xticks(range(0, n, every), [f"P{j + 1}" for j in range(0, n, every)])
     marks = {s["step"]: "" if s["status"] == "learned" else " ✗" for s in result["steps"]}
-    ax.set_yticks(range(len(matrix)), ["base"] + [f"after {i}{marks.get(i, '')}" for i in range(1, len(matrix))])
+    rows = range(0, len(matrix), every)
+    ax.set_yticks(rows, ["base" if i == 0 else f"after {i}{marks.get(i, '')}" for i in rows])
     ax.set_xlabel("passage (questions, no passage in context)")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy")

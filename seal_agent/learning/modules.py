@@ -76,11 +76,11 @@ class ModuleLearner(Learner):
 
     def _learn_module(self, passages: list[Passage], indices: list[int], doc_id: int,
                       progress: Progress) -> list[PassageReport]:
-        t0 = time.perf_counter()
         drafts: list[Draft] = []
         batch = self.cfg.policy.write_batch
         for s in range(0, len(passages), batch):
             drafts += self._write(passages[s:s + batch], indices[s:s + batch], progress)
+        t0 = time.perf_counter()  # the drafts timed their own stages (self-edit, questions)
         reports, questions, edit_ids = [], [], []
         for p, i, d in zip(passages, indices, drafts):
             edit_ids.append(self.state.add_self_edit(p.hash, doc_id, self._policy_label(), d.edit.prompt,

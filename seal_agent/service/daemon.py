@@ -359,8 +359,9 @@ class Daemon:
 
     def _run_job(self, job: Job) -> None:
         if job.kind == "task":
-            # A ReSTEM refresh holds the CPU for long: with restem.on_document = "yield"
-            # it ends its sampling early once a document is waiting.
+            # A ReSTEM refresh or a consolidation holds the CPU for long: with
+            # restem.on_document = "yield" a refresh ends its sampling early once a
+            # document is waiting, and a consolidation stops, changing nothing.
             result = self.agent.run_task(job.name, should_stop=lambda: self.cfg.restem.on_document == "yield"
                                          and self.queue.waiting("document") > 0)
             self.queue.finish(job.id, "done", result=result)

@@ -101,9 +101,8 @@ class Served:
             merged_on, current, merge = self._merged
             if merged_on is model and current == module:
                 return
-            if merged_on is model:
-                merge.discard()  # the very same weight tensors back
-            self._merged = None  # a model no longer served is dropped whole
+            self._merged = None
+            merge.discard()  # the very same weight tensors back (on whichever model it was merged into)
         if module is not None:
             from peft import PeftModel
 
