@@ -271,7 +271,7 @@ def test_kill_9_during_module_training_and_consolidation_loses_nothing(config, t
         assert agent.state.live_version() == 2 and agent.state.max_version() == 2
         assert agent.log.versions() == []  # no half-written consolidation left in the log
         assert fingerprints(agent.live.model, agent.live.tokenizer) == fp_1  # the weights, as before
-        assert [r.module for r in agent.knowledge.route_questions(2, questions(1))][0] == 2
+        assert agent.knowledge.route_questions(2, questions(1))[0].module == 2
         assert agent.consolidate()["decision"] == "consolidated"  # and it can be run again
     finally:
         agent.close()
