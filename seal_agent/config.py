@@ -219,7 +219,7 @@ class MemoryConfig:
     # A module is applied only when the question's embedding is at least this
     # similar (cosine) to one of its keys (its passages and their sentences);
     # below it the consolidated weights answer alone.
-    route_threshold: float = 0.45
+    route_threshold: float = 0.5
     # Consolidation absorbs a document when the new weights alone answer its
     # replay QAs at least as well as its module did, and goes live only if the
     # documents absorbed before lose at most this share of the answers they knew.

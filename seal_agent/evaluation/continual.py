@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,15 @@ def checkpoints(n: int, every: int) -> set[int]:
 
 def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir: Path, external: str | None,
                   progress: Progress = no_progress, every: int = 1, unlearned: list[Passage] = (),
-                  consolidate: bool = False, ppl_texts: list[str] = ()) -> dict[str, Any]:
+                  consolidate: bool = False, ppl_texts: list[str] = (),
+                  save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
     """Learn `passages` in sequence; ask all learned so far at each checkpoint.
     Between checkpoints a row holds only the passage just learned (its own
     questions, asked right after it). `unlearned`: passages never learned, whose
     questions should be answered with no module. `consolidate`: at the end, a
     consolidation (modules) and the accuracies after it. `ppl_texts`: texts for
-    the perplexity of the base and of the final weights."""
+    the perplexity of the base and of the final weights. `save` is handed the
+    result measured so far before consolidating."""
     from ..agent import SealAgent
 
     run_cfg = scratch_config(cfg, state_dir, replay={"gate": gate})
@@ -104,10 +107,36 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
     t0 = time.perf_counter()
     marks_at = checkpoints(len(passages), every)
     extra: dict[str, Any] = {}
+    steps: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
+    matrix: list[list[float | None]] = []
+    questions = [qa_mod.questions_of(p.title, p.questions) for p in passages]
+
+    def result() -> dict[str, Any]:
+        not_learned = [s for s in steps if s["status"] != "learned"]
+        return {
+            "mode": run_cfg.memory.mode,
+            "gate": gate,
+            "self_edits": external or "self",
+            "passages": [p.title for p in passages],
+            "questions": [len(qs) for qs in questions],
+            "every": every,
+            "matrix": [[None if x is None else round(x, 4) for x in row] for row in matrix],
+            "curve": curve,
+            "steps": steps,
+            "summary": summarize(matrix),
+            "accepted": sum(s["status"] == "learned" for s in steps),
+            "rejected": sum(s["status"] == "rejected-forgetting" for s in steps),
+            # Not learned for any reason but unreadable or duplicate (all passages here are distinct and readable).
+            "refused": len([s for s in not_learned if s["status"] != "duplicate"]),
+            "flagged": sum(s["flagged"] is not None for s in steps),
+            "final_mean": summarize(matrix).get("final_mean"),
+            **extra,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
     try:
         live = agent.live
         learner = agent.learner(external)
-        questions = [qa_mod.questions_of(p.title, p.questions) for p in passages]
         module_of: dict[int, int | None] = {}
 
         def ask(upto: int) -> tuple[list[float | None], list[bool], list[bool]]:
@@ -125,9 +154,8 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
             return out, nearest, applied
 
         progress("base", {"n": len(passages)})
-        matrix: list[list[float | None]] = [ask(len(passages))[0]]
+        matrix.append(ask(len(passages))[0])
         base_ppl = perplexity(live.model, live.tokenizer, list(ppl_texts)) if ppl_texts else None
-        steps, curve = [], []
         routing: tuple[list[bool], list[bool]] = ([], [])
         for i, p in enumerate(passages):
             path = docs / f"{i:02d}.json"
@@ -158,13 +186,14 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
         if ppl_texts:
             extra["perplexity"] = {"base": base_ppl, "final": perplexity(live.model, live.tokenizer, list(ppl_texts))}
         if consolidate and modules_mode:
+            save(result())  # what is measured so far is kept, whatever consolidating does
             progress("consolidate", {})
-            result = agent.consolidate()
+            folded = agent.consolidate()
             after, _, _ = ask(len(passages))
             slow = _slow_alone(agent, live, questions)
             extra["consolidation"] = {
-                **{k: result.get(k) for k in ("decision", "reason", "version", "seconds", "held_lost")},
-                "absorbed": len(result.get("absorbed", [])), "kept": len(result.get("kept", [])),
+                **{k: folded.get(k) for k in ("decision", "reason", "version", "seconds", "held_lost")},
+                "absorbed": len(folded.get("absorbed", [])), "kept": len(folded.get("kept", [])),
                 "mean_after": _mean(after), "mean_slow_alone": _mean(slow),
                 "row_after": [None if x is None else round(x, 4) for x in after],
             }
@@ -172,27 +201,7 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
                 extra["perplexity"]["consolidated"] = perplexity(live.model, live.tokenizer, list(ppl_texts))
     finally:
         agent.close()
-    not_learned = [s for s in steps if s["status"] != "learned"]
-    return {
-        "mode": run_cfg.memory.mode,
-        "gate": gate,
-        "self_edits": external or "self",
-        "passages": [p.title for p in passages],
-        "questions": [len(qs) for qs in questions],
-        "every": every,
-        "matrix": [[None if x is None else round(x, 4) for x in row] for row in matrix],
-        "curve": curve,
-        "steps": steps,
-        "summary": summarize(matrix),
-        "accepted": sum(s["status"] == "learned" for s in steps),
-        "rejected": sum(s["status"] == "rejected-forgetting" for s in steps),
-        # Not learned for any reason but unreadable or duplicate (all passages here are distinct and readable).
-        "refused": len([s for s in not_learned if s["status"] != "duplicate"]),
-        "flagged": sum(s["flagged"] is not None for s in steps),
-        "final_mean": summarize(matrix).get("final_mean"),
-        **extra,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    return result()
 
 
 def _mean(row: list[float | None]) -> float | None:
@@ -261,12 +270,16 @@ def evaluate_continual(cfg: Config, *, data: Path | None = None, n: int = 8, gat
     if state_dir.exists() and any(state_dir.iterdir()):
         raise SealError(f"{state_dir} already holds a run; choose another --out")
     resolve_base(cfg)  # converted once into the configured state directory, shared by the run's
-    result = run_continual(cfg, passages, gate=gate, state_dir=state_dir, external=external, progress=progress,
-                           every=every, unlearned=held_back, consolidate=consolidate, ppl_texts=ppl_texts)
-    result["data"] = str(data)
     files = {"result": out_dir / f"continual-{label}.json", "heatmap": out_dir / f"heatmap-{label}.png",
              "retention": out_dir / f"retention-{label}.png"}
-    files["result"].write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+    def save(result: dict[str, Any]) -> None:
+        files["result"].write_text(json.dumps({**result, "data": str(data)}, indent=2), encoding="utf-8")
+
+    result = run_continual(cfg, passages, gate=gate, state_dir=state_dir, external=external, progress=progress,
+                           every=every, unlearned=held_back, consolidate=consolidate, ppl_texts=ppl_texts, save=save)
+    result["data"] = str(data)
+    save(result)
     retention_chart({label: result}, files["retention"], f"seal-agent eval continual: {n} passages, {label}")
     heatmap(result, files["heatmap"],
             f"seal-agent eval continual: {n} passages, {label}, self-edits {result['self_edits']}")

@@ -405,10 +405,10 @@ class Daemon:
         """The new live weights to the API. If that fails the API stays on the version it
         has until the next job; the job is learned all the same and not retried."""
         live = self.agent.live
-        state = self.agent.state
         try:
             model, served_version = self.served.current()
             if live.version != served_version:
+                state = self.agent.state
                 same_weights = state.weights_lineage(live.version)[-1] == state.weights_lineage(served_version)[-1]
                 # a new module changes the routing table only: the served weights stay
                 self.served.swap(model if same_weights else copy.deepcopy(live.model), live.version)
