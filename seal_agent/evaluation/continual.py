@@ -197,7 +197,7 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
                 "mean_after": _mean(after), "mean_slow_alone": _mean(slow),
                 "row_after": [None if x is None else round(x, 4) for x in after],
             }
-            if ppl_texts:
+            if ppl_texts and folded["decision"] == "consolidated":  # otherwise the weights did not change
                 extra["perplexity"]["consolidated"] = perplexity(live.model, live.tokenizer, list(ppl_texts))
     finally:
         agent.close()
