@@ -406,7 +406,8 @@ def summary(result: dict[str, Any]) -> str:
         f"{result['modules']['routing_1000']['modules']:,} modules p50 {result['modules']['routing_1000']['p50_ms']} ms "
         f"(+ {result['modules']['embed_question_ms']} ms to embed the question); query p50 "
         f"{result['modules']['p50_s']['unrouted']} s unrouted, {result['modules']['p50_s']['routed_same_module']} s "
-        f"routed ({result['modules']['routed_over_unrouted_p50']}x), "
+        f"routed ({result['modules']['routed_over_unrouted_p50']}x; per token "
+        f"{result['modules']['routed_over_unrouted_per_token']}x), "
         f"{result['modules']['p50_s']['routed_alternating']} s routed between unrouted ones "
         f"({result['modules']['alternating_over_unrouted_p50']}x)",
         f"query latency ({latency['max_tokens']} tokens via the API): p50/p95 "
@@ -447,8 +448,10 @@ def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, 
     """Knowledge modules in a scratch state: one learned (the bench passage), its
     size on disk and in memory; a question's embedding and the router's search
     over 1,000 modules; and through the real API, side by side, the p50 latency
-    of unrouted questions, of questions routed to one module in a row (it stays
-    merged), and of routed and unrouted ones in turn (merged and taken off each time)."""
+    (and per generated token) of one question routed to its module several
+    times in a row (it stays merged), of the same question answered by the
+    weights alone (the served copy without its router), and of routed and
+    unrouted questions in turn (the module merged and taken off each time)."""
     import socket
     import threading
 
@@ -490,26 +493,34 @@ def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, 
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
             used = []
 
-            def ask(question: str) -> float:
+            def ask(question: str) -> tuple[float, float]:
+                """(seconds, seconds per generated token): answers differ in length with and without a module."""
                 t = time.perf_counter()
                 r = client.chat.completions.create(model=cfg.api.model_name, max_tokens=max_tokens,
                                                    messages=[{"role": "user", "content": question}])
+                seconds = time.perf_counter() - t
                 used.append((question, [m["module"] for m in r.model_extra["seal_modules"]]))
-                return time.perf_counter() - t
+                return seconds, seconds / max(1, r.usage.completion_tokens)
 
             try:
                 ask(unrouted_q), ask(routed_q)  # warm-up
-                unrouted = [ask(unrouted_q) for _ in range(requests)]
+                # The same question routed and not: the served copy without its router answers it alone.
                 routed_same = [ask(routed_q) for _ in range(requests)]
+                served.knowledge = None
+                unrouted = [ask(routed_q) for _ in range(requests)]
+                served.knowledge = agent.knowledge
                 alternating = [ask(q) for _ in range(requests) for q in (routed_q, unrouted_q)][::2]
             finally:
                 server.should_exit = True
                 thread.join(timeout=10)
         finally:
             agent.close()
-    routed_right = all(m == ([module] if q == routed_q else []) for q, m in used)
-    p50 = {name: round(float(np.median(lat)), 3) for name, lat in
+    expected = [[module]] * (1 + requests) + [[]] * requests + [[module], []] * requests
+    routed_right = [m for _, m in used][1:] == expected
+    p50 = {name: round(float(np.median([x[0] for x in lat])), 3) for name, lat in
            (("unrouted", unrouted), ("routed_same_module", routed_same), ("routed_alternating", alternating))}
+    per_token = {name: round(1000 * float(np.median([x[1] for x in lat])), 1) for name, lat in
+                 (("unrouted", unrouted), ("routed_same_module", routed_same), ("routed_alternating", alternating))}
     return {
         "learn_seconds": round(learn_s, 1), "module_disk_mb": round(disk / 1e6, 2),
         # in memory: a module's tensors while it is loaded, and while merged a copy of
@@ -517,9 +528,10 @@ def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, 
         "module_memory_mb": round(disk / 1e6, 2),
         "routed_correctly": routed_right, "embed_question_ms": round(embed_ms, 2),
         "routing_1000": routing_speed(),
-        "p50_s": p50, "requests": requests, "max_tokens": max_tokens,
+        "p50_s": p50, "p50_ms_per_token": per_token, "requests": requests, "max_tokens": max_tokens,
         "routed_over_unrouted_p50": round(p50["routed_same_module"] / p50["unrouted"], 2),
         "alternating_over_unrouted_p50": round(p50["routed_alternating"] / p50["unrouted"], 2),
+        "routed_over_unrouted_per_token": round(per_token["routed_same_module"] / per_token["unrouted"], 2),
     }
 
 
