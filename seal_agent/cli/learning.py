@@ -57,8 +57,9 @@ def _print_learn(report: dict[str, Any]) -> None:
     qa = report.get("qa")
     parts = [
         f"[bold]{report['document']}[/bold] ({report['title']}): "
-        f"{report['learned']} learned, {report['duplicates']} already known, {report['failed']} failed, "
-        f"{report['rejected']} rejected for forgetting of {report['passages']} passage(s); "
+        f"{report['learned']} learned, {report['duplicates']} already known, {report['failed']} failed"
+        + (f", {report['rejected']} rejected for forgetting" if report["rejected"] else "")
+        + f" of {report['passages']} passage(s); "
         f"live version {report['version']}",
         f"  self-edits: {report['self_edit']['items']} items, {report['self_edit']['chars']} chars; "
         f"training {report['train_seconds']:.1f}s; total {report['seconds']:.1f}s",
