@@ -269,7 +269,7 @@ class SealAgent:
                             '"modules" (the merge line merges every update already; its snapshots are '
                             '`adapter_log.snapshot_every`)')
         self.own()
-        run = Consolidation(self.cfg, self.state, self.live, self.modules, self.knowledge, self.bank, self.policy)
+        run = Consolidation(self.cfg, self.state, self.live, self.modules, self.bank, self.policy)
         return run.run(should_stop=should_stop, progress=progress)
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:

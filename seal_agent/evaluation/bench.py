@@ -26,7 +26,7 @@ import gc
 import io
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +419,33 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def api_client(backend) -> Iterator:
+    """The real API on a free port of 127.0.0.1 (uvicorn in a thread), serving
+    `backend`, and an openai client pointed at it; the server stops after the block."""
+    import socket
+    import threading
+
+    import openai
+    import uvicorn
+
+    from ..service.api.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def routing_speed(n_modules: int = 1000, keys_per_module: int = 6, dim: int = 384, queries: int = 200,
                   ) -> dict[str, Any]:
     """The router's search over `n_modules` modules' keys (random unit vectors),
@@ -452,14 +479,7 @@ def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, 
     times in a row (it stays merged), of the same question answered by the
     weights alone (the served copy without its router), and of routed and
     unrouted questions in turn (the module merged and taken off each time)."""
-    import socket
-    import threading
-
-    import openai
-    import uvicorn
-
     from ..agent import SealAgent
-    from ..service.api.app import build_app
     from ..service.serving import Served, ServingOnly
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -480,29 +500,18 @@ def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, 
                 agent.knowledge.embedder.embed([routed_q])
             embed_ms = 1000 * (time.perf_counter() - t0) / 20
             served = Served.from_config(cfg, live.model, live.tokenizer, live.version, knowledge=agent.knowledge)
-            backend = ServingOnly(cfg.api, served)
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1", port=port,
-                                                   log_level="error"))
-            thread = threading.Thread(target=server.run, daemon=True)
-            thread.start()
-            while not server.started:
-                time.sleep(0.05)
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
-            used = []
+            with api_client(ServingOnly(cfg.api, served)) as client:
+                used = []
 
-            def ask(question: str) -> tuple[float, float]:
-                """(seconds, seconds per generated token): answers differ in length with and without a module."""
-                t = time.perf_counter()
-                r = client.chat.completions.create(model=cfg.api.model_name, max_tokens=max_tokens,
-                                                   messages=[{"role": "user", "content": question}])
-                seconds = time.perf_counter() - t
-                used.append((question, [m["module"] for m in r.model_extra["seal_modules"]]))
-                return seconds, seconds / max(1, r.usage.completion_tokens)
+                def ask(question: str) -> tuple[float, float]:
+                    """(seconds, seconds per generated token): answers differ in length with and without a module."""
+                    t = time.perf_counter()
+                    r = client.chat.completions.create(model=cfg.api.model_name, max_tokens=max_tokens,
+                                                       messages=[{"role": "user", "content": question}])
+                    seconds = time.perf_counter() - t
+                    used.append((question, [m["module"] for m in r.model_extra["seal_modules"]]))
+                    return seconds, seconds / max(1, r.usage.completion_tokens)
 
-            try:
                 ask(unrouted_q), ask(routed_q)  # warm-up
                 # The same question routed and not: the served copy without its router answers it alone.
                 routed_same = [ask(routed_q) for _ in range(requests)]
@@ -510,9 +519,6 @@ def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, 
                 unrouted = [ask(routed_q) for _ in range(requests)]
                 served.knowledge = agent.knowledge
                 alternating = [ask(q) for _ in range(requests) for q in (routed_q, unrouted_q)][::2]
-            finally:
-                server.should_exit = True
-                thread.join(timeout=10)
         finally:
             agent.close()
     expected = [[module]] * (1 + requests) + [[]] * requests + [[module], []] * requests
@@ -540,28 +546,14 @@ def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: i
     on 127.0.0.1, the real openai client), with the learner idle and while an
     inner loop trains on the same machine, side by side."""
     import copy
-    import socket
     import threading
 
-    import openai
-    import uvicorn
-
-    from ..service.api.app import build_app
     from ..service.serving import Served, ServingOnly
 
     base_dir = resolve_base(cfg)
     tokenizer = load_tokenizer(base_dir)
     live = load_model(base_dir, cfg)
     backend = ServingOnly(cfg.api, Served.from_config(cfg, copy.deepcopy(live), tokenizer, 0))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
     question = [{"role": "user", "content": "Who won the Zorblax Prize in 2031?"}]
 
     def measure(n: int = requests) -> dict[str, float]:
@@ -573,7 +565,7 @@ def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: i
         return {"p50_s": round(float(np.median(lat)), 3), "p95_s": round(float(np.percentile(lat, 95)), 3),
                 "requests": n}
 
-    try:
+    with api_client(backend) as client:
         measure(2)  # warm-up
         idle = measure()
         training = threading.Event()
@@ -597,9 +589,6 @@ def query_latency(cfg: Config, policy: Policy, requests: int = 12, max_tokens: i
         busy = measure()
         done.set()
         t.join()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     return {"max_tokens": max_tokens, "idle": idle, "while_training": busy,
             "slowdown_p50": round(busy["p50_s"] / idle["p50_s"], 2)}
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..config import Config, to_dict
 from ..errors import TrainingDiverged
-from ..memory.knowledge import Knowledge, routed_modules
+from ..memory.knowledge import routed_modules
 from ..memory.live import LiveModel, fingerprints
 from ..memory.modules import Module, ModuleStore
 from ..memory.replay import BankQA, ReplayBank
@@ -103,17 +103,17 @@ def decide(module_before: dict[int, dict[int, bool]], alone: dict[int, dict[int,
 
 
 class Consolidation:
-    def __init__(self, cfg: Config, state: State, live: LiveModel, store: ModuleStore, knowledge: Knowledge,
-                 bank: ReplayBank, policy: Policy):
+    def __init__(self, cfg: Config, state: State, live: LiveModel, store: ModuleStore, bank: ReplayBank,
+                 policy: Policy):
         self.cfg, self.state, self.live, self.store = cfg, state, live, store
-        self.knowledge, self.bank, self.policy = knowledge, bank, policy
+        self.bank, self.policy = bank, policy
         self.dtypes = compute_dtypes(cfg)
 
     # -- what it trains on, what it checks ---------------------------------
     def line_modules(self, version: int) -> list[Module]:
         """Every module learned on `version`'s line, routed or absorbed, oldest first."""
-        ids = [self.state.version(v).stats["module"] for v in self.state.lineage(version)
-               if self.state.version(v).stats.get("kind") == "module"]
+        rows = [self.state.version(v) for v in self.state.lineage(version)]
+        ids = [row.stats["module"] for row in rows if row.stats.get("kind") == "module"]
         return self.store.of(ids)
 
     def examples(self, modules: list[Module]) -> list[Example]:
@@ -127,9 +127,11 @@ class Consolidation:
                 out += self.policy.examples(accepted[-1]["text"] if accepted else "", row["title"], row["text"])
         return out
 
-    def qas(self, module: Module, lineage: list[int]) -> list[BankQA]:
+    @staticmethod
+    def qas(module: Module, active: list[BankQA]) -> list[BankQA]:
+        """The module's passages' QAs among the line's `active` ones."""
         hashes = set(module.passage_hashes)
-        return [q for q in self.bank.active(lineage) if q.passage_hash in hashes]
+        return [q for q in active if q.passage_hash in hashes]
 
     def _marks(self, model, qas: list[BankQA]) -> dict[int, bool]:
         scored = qa_mod.evaluate(model, self.live.tokenizer, [q.as_question() for q in qas], self.cfg.qa,
@@ -160,9 +162,10 @@ class Consolidation:
 
         # Before: the old weights on what they hold; each routed module as recorded when learned.
         progress("consolidate-before", {"modules": len(routed), "held": len(held)})
-        held_qas = [q for m in held for q in self.qas(m, lineage)]
+        active = self.bank.active(lineage)  # read once: every module's QAs are among them
+        held_qas = [q for m in held for q in self.qas(m, active)]
         held_before = self._marks(model, held_qas)
-        module_qas = {m.id: self.qas(m, lineage) for m in self.store.of(routed)}
+        module_qas = {m.id: self.qas(m, active) for m in self.store.of(routed)}
         module_before = {}
         for m in self.store.of(routed):
             qas = module_qas[m.id]
@@ -189,7 +192,7 @@ class Consolidation:
             self.state.event("consolidate.diverged", str(e), version=parent)
             return {"decision": "diverged", "reason": str(e), "version": parent}
 
-        version = max(self.state.max_version(), max(self.live.log.versions(), default=0)) + 1
+        version = self.live.next_version()
         limit = self.cfg.memory.max_forgetting
         try:
             with self.live.log.staging(version) as version_dir:

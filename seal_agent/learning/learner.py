@@ -640,7 +640,7 @@ class Learner:
         done (a directory the database never recorded is moved aside by the
         next owner: live.discard_uncommitted)."""
         candidate, parent = attempt.candidate, self.live.version
-        version = max(self.state.max_version(), max(self.live.log.versions(), default=0)) + 1
+        version = self.live.next_version()
         manifest = self._manifest(update, attempt, report, version, parent)
         with_qas = self.bank is not None and update.new_qas
         vectors = self.bank.embed(update.passage.title, list(update.new_qas)) if with_qas else None

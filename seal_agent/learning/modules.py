@@ -185,7 +185,7 @@ class ModuleLearner(Learner):
         module_id, parent, flagged = record["module"], self.live.version, record["flagged"]
         parent_row = self.state.version(parent)
         routed = list(parent_row.stats.get("routed", []))
-        version = max(self.state.max_version(), max(self.live.log.versions(), default=0)) + 1
+        version = self.live.next_version()
         keys = [k for p in passages for k in key_texts(p.title, p.text)]
         vectors = self.embedder.embed(keys)
         qa_vectors = [self.bank.embed(p.title, list(d.qas)) if self.bank is not None and d.qas else None

@@ -125,6 +125,11 @@ class LiveModel:
         log.info("built version %d (%d merges) in %.1fs", version, len(chain) - 1 - start, time.perf_counter() - t0)
         return model
 
+    def next_version(self) -> int:
+        """The number a new version takes: past every recorded version and every
+        directory in the log (one the database never recorded included)."""
+        return max(self.state.max_version(), max(self.log.versions(), default=0)) + 1
+
     def snapshot_if_due(self) -> int | None:
         """Consolidate the live weights when `snapshot_every` merges have piled up since the last snapshot."""
         every = self.cfg.adapter_log.snapshot_every
