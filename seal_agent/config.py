@@ -216,10 +216,14 @@ class MemoryConfig:
     # Passages per module: a longer document is split into modules of this many
     # passages (0 = one module for the whole document).
     module_passages: int = 0
-    # A module is applied only when the question's embedding is at least this
-    # similar (cosine) to one of its keys (its passages and their sentences);
-    # below it the consolidated weights answer alone.
-    route_threshold: float = 0.5
+    # A module's score for a question: the cosine similarity of the question's
+    # embedding to the module's nearest key (its passages and their sentences),
+    # plus lexical_weight times the IDF-weighted share of the question's terms
+    # its passages contain (0 = the embedding alone). The best module is applied
+    # when its score reaches route_threshold; below it the consolidated weights
+    # answer alone. Both chosen on train_pool (BENCHMARKS.md, `eval routing`).
+    lexical_weight: float = 0.4
+    route_threshold: float = 0.82
     # Consolidation absorbs a document when the new weights alone answer its
     # replay QAs at least as well as its module did, and goes live only if the
     # documents absorbed before lose at most this share of the answers they knew.
@@ -423,7 +427,8 @@ _BOUNDS: dict[str, Bound] = {
     "replay.max_qas": _AT_LEAST_0, "replay.nearest_k": _AT_LEAST_0, "replay.random_m": _AT_LEAST_0,
     "replay.max_forgetting": _SHARE, "replay.attempts": _AT_LEAST_1, "replay.rehearsal_ratio": _AT_LEAST_0,
     "replay.rehearsal_passages": _AT_LEAST_0,
-    "memory.module_passages": _AT_LEAST_0, "memory.route_threshold": Bound(-1.0, 1.0),
+    "memory.module_passages": _AT_LEAST_0, "memory.route_threshold": Bound(-1.0, 2.0),
+    "memory.lexical_weight": Bound(0.0, 1.0),
     "memory.max_forgetting": _SHARE, "memory.consolidate_epochs": _AT_LEAST_1,
     "inbox.stable_s": _AT_LEAST_0, "inbox.poll_s": _POSITIVE, "inbox.max_bytes": _AT_LEAST_1,
     "api.port": Bound(0, 65535), "api.max_request_bytes": _AT_LEAST_1, "api.max_tokens": _AT_LEAST_1,

@@ -177,6 +177,51 @@ def eval_continual(ctx, data, n, gate, self_edits, out_dir, every, unlearned, co
               f"(forgetting {sm.get('forgetting')})\nheatmap: {files['heatmap']}", highlight=False)
 
 
+@eval_group.command("routing")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None, help=DATA_HELP)
+@click.option("--n", "n", type=click.IntRange(min=1), default=50, show_default=True,
+              help="The first N passages stand for learned modules.")
+@click.option("--unlearned", type=click.IntRange(min=0), default=50, show_default=True,
+              help="The next M passages, never learned: their questions should get no module.")
+@click.option("--seeds", default=None, metavar="S1,S2,..",
+              help="Shuffle the data with each seed first, one draw each, pooled (train_pool.json is ordered "
+                   "by article).")
+@click.option("--target", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Report the lowest threshold leaving this share of unlearned questions with no module.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@global_options
+@click.pass_context
+@handle_errors
+def eval_routing(ctx, data, n, unlearned, seeds, target, as_json) -> None:
+    """The router alone, nothing trained: does a question find its passage's module?
+
+    Reports recall@1, the share applied at memory.route_threshold, the share of
+    questions about unlearned passages given no module, and a threshold sweep.
+    """
+    from ..evaluation.routing import evaluate_routing
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of integers: {seeds!r}", param_hint="--seeds") from None
+    result = evaluate_routing(config_of(ctx), data=data, n=n, unlearned=unlearned, seeds=seed_list, target=target)
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title=f"routing {result['questions']} questions to {n} passages' modules "
+                        f"(lexical_weight {result['lexical_weight']})")
+    for c in ("threshold", "own module applied", "unlearned: no module"):
+        table.add_column(c, justify="right")
+    for row in result["sweep"]:
+        table.add_row(f"{row['threshold']:.2f}", str(row["applied_right"]), str(row["unlearned_no_module"]))
+    out.print(table)
+    out.print(f"recall@1 {result['router_recall_at_1']}; at route_threshold {result['route_threshold']}: own module "
+              f"applied {result['router_applied_right_module']}, unlearned questions with no module "
+              f"{result['unlearned_no_module']} (same article {result['unlearned_same_article_no_module']}, "
+              f"other articles {result['unlearned_other_articles_no_module']}); threshold for "
+              f"{target:.0%} unlearned with no module: {result['threshold_for_target']}", highlight=False)
+
+
 def _print_matrix(result: dict[str, Any], gate: str) -> None:
     n = len(result["passages"])
     table = Table(title=f"accuracy after each step ({gate}; rows: after learning passage i)")

@@ -447,28 +447,35 @@ def api_client(backend) -> Iterator:
 
 
 def routing_speed(n_modules: int = 1000, keys_per_module: int = 6, dim: int = 384, queries: int = 200,
-                  ) -> dict[str, Any]:
-    """The router's search over `n_modules` modules' keys (random unit vectors),
-    one question at a time; the question's embedding is timed apart."""
+                  lexical_weight: float = 0.4) -> dict[str, Any]:
+    """The router's search over `n_modules` modules' keys (random unit vectors)
+    and its term overlap with their passages (random words), one question at a
+    time; the question's embedding is timed apart."""
     from ..memory.modules import Router
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((n_modules * keys_per_module, dim), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     owners = np.repeat(np.arange(1, n_modules + 1), keys_per_module)
+    words = [f"w{i}" for i in range(20_000)]
+    texts = {m: " ".join(rng.choice(words, 120)) for m in range(1, n_modules + 1)}
 
     sized = type("Sized", (), {"name": "random", "dim": dim})()  # the router needs only the size: vectors are given
-    router = Router(sized, owners, vectors, threshold=0.45)
+    t0 = time.perf_counter()
+    router = Router(sized, owners, vectors, threshold=0.82, texts=texts, lexical_weight=lexical_weight)
+    build_s = time.perf_counter() - t0
     xq = rng.standard_normal((queries, dim), dtype=np.float32)
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
-    router.route_vectors(xq[:4])  # warm-up
+    qtexts = [" ".join(rng.choice(words, 12)) for _ in range(queries)]
+    router.route_vectors(xq[:4], qtexts[:4])  # warm-up
     lat = []
-    for q in xq:
+    for q, text in zip(xq, qtexts):
         t0 = time.perf_counter()
-        router.route_vectors(q[None])
+        router.route_vectors(q[None], [text])
         lat.append(time.perf_counter() - t0)
     return {"modules": n_modules, "keys": len(owners), "p50_ms": round(1000 * float(np.median(lat)), 3),
-            "p95_ms": round(1000 * float(np.percentile(lat, 95)), 3), "queries": queries}
+            "p95_ms": round(1000 * float(np.percentile(lat, 95)), 3), "queries": queries,
+            "lexical_weight": lexical_weight, "build_ms": round(1000 * build_s, 1)}
 
 
 def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, Any]:
@@ -533,7 +540,7 @@ def modules(cfg: Config, requests: int = 12, max_tokens: int = 16) -> dict[str, 
         # the weights it adapts (held to restore them exactly)
         "module_memory_mb": round(disk / 1e6, 2),
         "routed_correctly": routed_right, "embed_question_ms": round(embed_ms, 2),
-        "routing_1000": routing_speed(),
+        "routing_1000": routing_speed(lexical_weight=cfg.memory.lexical_weight),
         "p50_s": p50, "p50_ms_per_token": per_token, "requests": requests, "max_tokens": max_tokens,
         "routed_over_unrouted_p50": round(p50["routed_same_module"] / p50["unrouted"], 2),
         "alternating_over_unrouted_p50": round(p50["routed_alternating"] / p50["unrouted"], 2),

@@ -80,7 +80,8 @@ class Knowledge:
         routed = tuple(routed_modules(self.state, version))
         if self._router is None or self._router[0] != routed:
             if routed:
-                router = Router.over(self.store, self.embedder, routed, self.cfg.memory.route_threshold)
+                router = Router.over(self.store, self.embedder, routed, self.cfg.memory.route_threshold,
+                                     self.cfg.memory.lexical_weight)
             else:  # nothing to route to: no embedding model needed
                 router = _NoRoutes()
             self._router = (routed, router)
@@ -96,7 +97,9 @@ class Knowledge:
             return []
         module = self.store.get(route.module)
         doc = self.state.document(module.document_id) if module and module.document_id is not None else None
-        return [{"module": route.module, "score": round(route.score, 4),
+        why = {k: round(v, 4) for k, v in (("similarity", route.similarity), ("overlap", route.overlap))
+               if v is not None}
+        return [{"module": route.module, "score": round(route.score, 4), **why,
                  "document": doc["path"] if doc else None, "title": doc["title"] if doc else None}]
 
     def route_questions(self, version: int, questions: list[qa_mod.Question]) -> list[Route]:

@@ -10,11 +10,15 @@ embedded) are rows of `module_keys`; a version of the knowledge is the
 consolidated weights plus its routing table, the module ids listed in the
 version's row (`routed`).
 
-The router embeds a question, takes the most similar key of the routed
-modules (cosine, FAISS over the keys of the routing table) and names its module
-when the similarity reaches `memory.route_threshold`; below it no module is
-applied and the consolidated weights answer alone. The router never sees the
-questions a user will ask: only the passages and their sentences.
+The router scores each routed module for a question by two signals: the
+cosine similarity of the question's embedding to the module's nearest key
+(FAISS over the keys of the routing table), plus `memory.lexical_weight` times
+the share of the question's terms its passages contain (memory/lexical.py: the
+embedding alone puts a question near every passage of its article; the rarer
+words say which one). The best-scoring module is applied when its score reaches
+`memory.route_threshold`; below it no module is applied and the consolidated
+weights answer alone. The router never sees the questions a user will ask:
+only the passages and their sentences.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from ..qa.writing import sentences
 from .adapter_log import AdapterLog
 from .embedding import Embedder
+from .lexical import Overlap
 from .state import State, now
 
 
@@ -65,8 +70,10 @@ class Route:
     """The module a question is answered with (None: the consolidated weights alone)."""
 
     module: int | None
-    score: float  # similarity of the nearest key (-1 when nothing is routed)
-    nearest: int | None = None  # the nearest key's module, applied or not
+    score: float  # the best module's score: similarity + lexical_weight * overlap (-1 when nothing is routed)
+    nearest: int | None = None  # the best-scoring module, applied or not
+    similarity: float | None = None  # its nearest key's cosine similarity to the question
+    overlap: float | None = None  # the share of the question's terms its passages contain
 
 
 class ModuleStore:
@@ -118,6 +125,16 @@ class ModuleStore:
             np.zeros((0, 0), dtype=np.float32)
         return owners, vectors
 
+    def texts(self, ids: Iterable[int]) -> dict[int, str]:
+        """Each module's passages (titles and texts), as the lexical signal reads them."""
+        out = {}
+        for m in self.of(ids):
+            rows = self.state.query(
+                f"SELECT hash, title, text FROM passages WHERE hash IN ({','.join('?' * len(m.passage_hashes))})"
+                " GROUP BY hash", tuple(m.passage_hashes)) if m.passage_hashes else []
+            out[m.id] = "\n".join(f"{r['title']}\n{r['text']}" for r in rows)
+        return out
+
     def path(self, module_id: int):
         return self.log.path(module_id)
 
@@ -137,34 +154,54 @@ class ModuleStore:
 class Router:
     """Questions -> the module to answer each with, over one routing table."""
 
-    def __init__(self, embedder: Embedder, owners: np.ndarray, vectors: np.ndarray, threshold: float):
+    # Modules scored per question: those owning the nearest keys by embedding
+    # (a module outside them would need an overlap gain no term can give).
+    CANDIDATE_KEYS = 64
+
+    def __init__(self, embedder: Embedder, owners: np.ndarray, vectors: np.ndarray, threshold: float, *,
+                 texts: dict[int, str] | None = None, lexical_weight: float = 0.0):
         self.embedder, self.owners, self.threshold = embedder, owners, threshold
+        self.lexical_weight = lexical_weight if texts else 0.0
+        self.overlap = Overlap(texts or {})
         self.index = faiss.IndexFlatIP(embedder.dim)
         if len(owners):
             self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
     @classmethod
-    def over(cls, store: ModuleStore, embedder: Embedder, routed: Iterable[int], threshold: float) -> Router:
+    def over(cls, store: ModuleStore, embedder: Embedder, routed: Iterable[int], threshold: float,
+             lexical_weight: float = 0.0) -> Router:
+        routed = list(routed)
         owners, vectors = store.keys(routed)
-        return cls(embedder, owners, vectors, threshold)
+        texts = store.texts(routed) if lexical_weight else None
+        return cls(embedder, owners, vectors, threshold, texts=texts, lexical_weight=lexical_weight)
 
     @property
     def modules(self) -> int:
         return len(set(self.owners.tolist()))
 
-    def route_vectors(self, queries: np.ndarray) -> list[Route]:
-        """Each query vector's route: its nearest key's module, if similar enough."""
+    def route_vectors(self, queries: np.ndarray, texts: list[str] | None = None) -> list[Route]:
+        """Each query's route: its best-scoring module, if it scores high enough.
+        `texts`: the queries' words, for the lexical signal (None: embedding alone)."""
         if self.index.ntotal == 0 or len(queries) == 0:
             return [Route(None, -1.0) for _ in range(len(queries))]
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
+        k = min(self.index.ntotal, self.CANDIDATE_KEYS if self.lexical_weight and texts is not None else 1)
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         out = []
-        for s, r in zip(scores, rows):
-            nearest = int(self.owners[r[0]])
-            out.append(Route(nearest if s[0] >= self.threshold else None, float(s[0]), nearest))
+        for i, (s_row, r_row) in enumerate(zip(scores, rows)):
+            similarity: dict[int, float] = {}
+            for s, r in zip(s_row, r_row):
+                if r >= 0:
+                    similarity.setdefault(int(self.owners[r]), float(s))  # rows come best first
+            terms = self.overlap.terms(texts[i]) if k > 1 and texts is not None else {}
+            overlap = {m: self.overlap.score(terms, m) for m in similarity} if terms else dict.fromkeys(similarity, 0.0)
+            best = max(similarity, key=lambda m: similarity[m] + self.lexical_weight * overlap[m])
+            score = similarity[best] + self.lexical_weight * overlap[best]
+            out.append(Route(best if score >= self.threshold else None, score, best, similarity[best],
+                             overlap[best] if self.lexical_weight else None))
         return out
 
     def route(self, texts: list[str]) -> list[Route]:
-        return self.route_vectors(self.embedder.embed(texts)) if texts else []
+        return self.route_vectors(self.embedder.embed(texts), texts) if texts else []
 
 
 def new_module(module_id: int, document_id: int | None, passage_hashes: list[str], trained_on: int,
