@@ -224,12 +224,22 @@ class MemoryConfig:
     # answer alone. Both chosen on train_pool (BENCHMARKS.md, `eval routing`).
     lexical_weight: float = 0.4
     route_threshold: float = 0.82
+    # What a routed question is answered with: its module merged in
+    # (apply_modules), and/or the module's passages put in the prompt
+    # (with_passage, Parametric RAG's "combine"). Passage alone is plain RAG;
+    # neither is the consolidated weights alone. Compared in BENCHMARKS.md.
+    apply_modules: bool = True
+    with_passage: bool = False
     # Consolidation absorbs a document when the new weights alone answer its
     # replay QAs at least as well as its module did, and goes live only if the
     # documents absorbed before lose at most this share of the answers they knew.
     max_forgetting: float = 0.0
     # Consolidation's training: epochs over all modules' stored training data.
     consolidate_epochs: int = 3
+    # A module consolidation keeps was trained on the old weights: retrain it on
+    # the new ones (its stored data, its seed) instead of re-checking it as it is
+    # (measured in BENCHMARKS.md).
+    retrain_kept: bool = True
 
 
 @dataclass

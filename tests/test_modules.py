@@ -213,6 +213,57 @@ def test_consolidation_goes_live_and_rollback_across_it_restores_answers_and_rou
     assert "consolidation" in {r["kind"] for r in agent.history()}
 
 
+def test_consolidation_retrains_the_modules_it_keeps_on_the_new_weights(tmp_path, tiny_model_dir):
+    """A document only its module answers is kept; its module, trained on the old
+    weights, is trained again on the new ones and routed under a new id."""
+    from seal_agent.qa.grading import normalize_answer
+
+    def fresh(name: str, *extra: str) -> SealAgent:
+        cfg = write_config(tmp_path / f"{name}.toml", tiny_model_dir, tmp_path / name, mode="modules")
+        return SealAgent(load_config(cfg, ["memory.max_forgetting=1.0", *extra]))
+
+    asked = ITEMS[0]["questions"][0]["question"]
+    probe_agent = fresh("probe")
+    try:  # what document 0's module answers (training is seeded by the passage: the same module)
+        probe_agent.learn(squad_doc(tmp_path, 0))
+        said = probe_agent.ask(f"Topic: {ITEMS[0]['title']}\n{asked}")["answer"]
+    finally:
+        probe_agent.close()
+    assert normalize_answer(said)
+    doc = tmp_path / "only-its-module.json"
+    doc.write_text(json.dumps([{"title": ITEMS[0]["title"], "context": ITEMS[0]["context"],
+                                "questions": [{"question": asked, "answer": said}]}]))
+    for retrain in (False, True):
+        agent = fresh(f"s{retrain}", f"memory.retrain_kept={str(retrain).lower()}")
+        try:
+            [learned] = agent.learn(doc).passages
+            assert learned.qa_after == 1.0  # its module answers it...
+            result = agent.consolidate()
+            assert result["kept"] == [1] and result["absorbed"] == []  # ...and the new weights alone do not
+            assert result["decision"] == "consolidated" and result["version"] == 2
+            row = agent.state.version(2)
+            if not retrain:  # kept as it is
+                assert result["retrained"] == {} and row.stats["routed"] == [1]
+                assert [m.id for m in agent.modules.all()] == [1]
+                continue
+            assert result["retrained"] == {1: 2} and row.stats["routed"] == [2]
+            new = agent.modules.get(2)
+            assert new.trained_on == 2 and new.stats["retrained_from"] == 1
+            assert new.passage_hashes == agent.modules.get(1).passage_hashes
+            keys = "SELECT text, embedding FROM module_keys WHERE module_id = ? ORDER BY id"
+            assert agent.state.query(keys, (2,)) and [tuple(r) for r in agent.state.query(keys, (2,))] == \
+                [tuple(r) for r in agent.state.query(keys, (1,))]
+            manifest = json.loads((agent.modules.path(2) / "manifest.json").read_text())
+            assert manifest["retrained_from"] == 1 and manifest["trained_on"] == 2
+            question = f"Topic: {ITEMS[0]['title']}\n{asked}"
+            assert [m["module"] for m in agent.ask(question)["modules"]] == [2]
+            agent.rollback(1)  # the old weights route to the old module again
+            assert [m["module"] for m in agent.ask(question)["modules"]] == [1]
+            assert agent.ask(question)["answer"] == said
+        finally:
+            agent.close()
+
+
 def test_consolidation_yields_to_a_waiting_document_and_changes_nothing(agent, tmp_path):
     agent.learn(squad_doc(tmp_path, 0))
     before = weights(agent.live.model)
@@ -360,3 +411,61 @@ def test_eval_continual_on_modules_reports_what_the_issue_asks(config, tmp_path)
     assert ppl["final"] == ppl["base"] and ppl["consolidated"] != ppl["base"]
     assert result["consolidation"]["decision"] == "consolidated"
     assert all(files[k].stat().st_size > 1000 for k in ("heatmap", "retention"))
+
+
+def test_what_a_routed_question_is_answered_with_is_the_memory_config(agent, tmp_path):
+    """apply_modules and with_passage decide, for a routed question: the module
+    merged in, the module's passage in the prompt (plain RAG), both, or neither."""
+    import dataclasses
+
+    from seal_agent.model.loader import answer_dtype
+    from seal_agent.qa.answering import answer
+
+    agent.learn(squad_doc(tmp_path, 0))
+    live, k, mem = agent.live, agent.knowledge, agent.cfg.memory
+    qs = [q for q, r in zip(questions(0), k.route_questions(live.version, questions(0))) if r.module == 1]
+    assert qs and k.passage(1) == ITEMS[0]["context"]
+    in_context = [dataclasses.replace(q, context=k.passage(1)) for q in qs]
+
+    def direct(model, asked, with_passage):
+        return answer(model, live.tokenizer, asked, agent.cfg.qa, use_chat=agent.cfg.model.use_chat_template,
+                      compute_dtype=answer_dtype(agent.cfg), in_context=with_passage, max_new_tokens=8)
+
+    with applied(live.model, agent.modules.path(1)) as m:
+        expect = {(True, False): direct(m, qs, False), (True, True): direct(m, in_context, True)}
+    expect |= {(False, False): direct(live.model, qs, False), (False, True): direct(live.model, in_context, True)}
+    assert len({tuple(v) for v in expect.values()}) == 4  # the four ways answer differently here
+    try:
+        for (apply_modules, with_passage), want in expect.items():
+            mem.apply_modules, mem.with_passage = apply_modules, with_passage
+            got = k.answer(live.model, live.tokenizer, live.version, qs, max_new_tokens=8)
+            assert [a.text for a in got] == want, (apply_modules, with_passage)
+            assert all(a.route.module == 1 for a in got)
+            assert (k.used(got[0].route)[0]["merged"], k.used(got[0].route)[0]["passage_in_prompt"]) == \
+                (apply_modules, with_passage)
+        # the API puts the passage before the question it routed by: the same answer as a
+        # request that carries the passage itself, answered without with_passage
+        from seal_agent.evaluation.bench import api_client
+        from seal_agent.service.serving import Served, ServingOnly
+
+        mem.apply_modules = True
+        served = Served.from_config(agent.cfg, live.model, live.tokenizer, live.version, knowledge=k)
+        asked = f"Topic: {ITEMS[0]['title']}\n{ITEMS[0]['questions'][0]['question']}"
+        with api_client(ServingOnly(agent.cfg.api, served)) as client:
+            def chat(content):
+                r = client.chat.completions.create(model=agent.cfg.api.model_name, max_tokens=6, temperature=0,
+                                                   messages=[{"role": "user", "content": content}])
+                return r.choices[0].message.content, r.model_extra["seal_modules"]
+
+            mem.with_passage = True
+            prefix = k.passage_prefix(k.route(live.version, [asked])[0])
+            assert ITEMS[0]["context"] in prefix
+            with_passage, used = chat(asked)
+            mem.with_passage = False
+            plain, _ = chat(asked)
+            carried, used_carried = chat(prefix + asked)
+        assert [u["module"] for u in used] == [u["module"] for u in used_carried] == [1]
+        assert used[0]["passage_in_prompt"] and not used_carried[0]["passage_in_prompt"]
+        assert with_passage == carried and with_passage != plain
+    finally:
+        mem.apply_modules, mem.with_passage = True, False

@@ -24,24 +24,28 @@ weights stay as they were and nothing is recorded but the event.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..config import Config, to_dict
 from ..errors import TrainingDiverged
 from ..memory.knowledge import routed_modules
 from ..memory.live import LiveModel, fingerprints
-from ..memory.modules import Module, ModuleStore
+from ..memory.modules import Module, ModuleStore, new_module
 from ..memory.replay import BankQA, ReplayBank
 from ..memory.state import State, VersionRow, now
-from ..model.inner_loop import Example, applied, train_adapter
+from ..model.inner_loop import Example, Merged, applied, train_adapter
 from ..model.loader import compute_dtypes
 from ..policy import Policy
 from ..progress import Progress, no_progress
 from ..qa import answering as qa_mod
+from .learner import passage_seed
 
 
 class _Yielded(Exception):
@@ -108,6 +112,7 @@ class Consolidation:
         self.cfg, self.state, self.live, self.store = cfg, state, live, store
         self.bank, self.policy = bank, policy
         self.dtypes = compute_dtypes(cfg)
+        self._retrained_stats: dict[int, dict[str, Any]] = {}
 
     # -- what it trains on, what it checks ---------------------------------
     def line_modules(self, version: int) -> list[Module]:
@@ -155,8 +160,10 @@ class Consolidation:
                     "version": parent}
         lineage = self.state.lineage(parent)
         line = self.line_modules(parent)
-        routed_set = set(routed)
-        held = [m for m in line if m.id not in routed_set]  # absorbed by an earlier consolidation
+        # Held: absorbed by an earlier consolidation (a module retrained there is
+        # routed under a new id, for the same passages).
+        routed_passages = {h for m in self.store.of(routed) for h in m.passage_hashes}
+        held = [m for m in line if not routed_passages & set(m.passage_hashes)]
         examples = self.examples(line)
         model, tokenizer = self.live.model, self.live.tokenizer
 
@@ -195,19 +202,34 @@ class Consolidation:
         version = self.live.next_version()
         limit = self.cfg.memory.max_forgetting
         try:
-            with self.live.log.staging(version) as version_dir:
+            with self.live.log.staging(version) as version_dir, contextlib.ExitStack() as staged_modules:
                 trained.save_pretrained(str(version_dir))
                 new_model = trained.merge_and_unload()
                 progress("consolidate-check", {"modules": len(routed)})
                 held_after = self._marks(new_model, held_qas)
                 modules = self.store.of(routed)
                 alone = {m.id: self._marks(new_model, module_qas[m.id]) for m in modules}
-                # Only the modules it would keep are re-checked on the new weights.
-                rechecked = {m.id: self._with_module(new_model, m, module_qas[m.id]) for m in modules
-                             if not absorbs(module_before[m.id], alone[m.id]) and module_qas[m.id]}
+                # Only the modules it would keep are re-checked on the new weights: as
+                # they are, or retrained there (memory.retrain_kept), each in a staged
+                # directory that is dropped with the rest if the checks refuse.
+                keep = [m for m in modules if not absorbs(module_before[m.id], alone[m.id])]
+                retrained: dict[int, int] = {}
+                rechecked: dict[int, dict[int, bool]] = {}
+                first = self.store.next_id()
+                for i, m in enumerate(keep):
+                    if not self.cfg.memory.retrain_kept:
+                        if module_qas[m.id]:
+                            rechecked[m.id] = self._with_module(new_model, m, module_qas[m.id])
+                        continue
+                    progress("consolidate-retrain", {"module": m.id, "index": i, "total": len(keep)})
+                    module_dir = staged_modules.enter_context(self.store.log.staging(first + i))
+                    rechecked[m.id] = self._retrain(new_model, m, module_qas[m.id], first + i, module_dir,
+                                                    version, on_step)
+                    retrained[m.id] = first + i
                 verdict = decide(module_before, alone, rechecked, held_before, held_after, limit)
                 result: dict[str, Any] = {
                     "parent": parent, "modules": len(routed), "absorbed": verdict.absorbed, "kept": verdict.kept,
+                    "retrained": retrained, "routed": [retrained.get(m, m) for m in verdict.kept],
                     "held_documents": len(held), "held_qas": len(held_qas),
                     "held_accuracy_before": accuracy(held_before), "held_accuracy_after": accuracy(held_after),
                     "held_lost": round(verdict.held_lost, 4), "kept_worst_lost": verdict.worst_kept,
@@ -220,8 +242,11 @@ class Consolidation:
                     "version": version, "parent": parent, "created_at": now(), "kind": "consolidation",
                     "lora": to_dict(self.cfg.lora), "epochs": self.cfg.memory.consolidate_epochs,
                     "examples": len(examples), "fingerprint": fp,
-                    **{k: result[k] for k in ("absorbed", "kept", "checks", "train")}})
-        except _Refused:  # the staged directory is gone; the live weights never changed
+                    **{k: result[k] for k in ("absorbed", "kept", "retrained", "checks", "train")}})
+        except _Yielded:  # while retraining a kept module: the staged directories are gone
+            self.state.event("consolidate.yielded", "consolidation stopped for a waiting document", version=parent)
+            return {"decision": "yielded", "reason": "a document was waiting", "version": parent}
+        except _Refused:  # the staged directories are gone; the live weights never changed
             result["decision"] = "refused"
             result["reason"] = (f"it would lose {verdict.held_lost:.0%} of the answers the weights held and up to "
                                 f"{verdict.worst_kept:.0%} of a kept module's (memory.max_forgetting = {limit:g})")
@@ -236,14 +261,43 @@ class Consolidation:
         result["seconds"] = round(time.perf_counter() - t0, 1)
         return result
 
+    def _retrain(self, model, module: Module, qas: list[BankQA], new_id: int, module_dir, version: int,
+                 on_step: Callable[[int, int, float], None]) -> dict[int, bool]:
+        """`module` trained again, on the new weights `model` (which it leaves as they
+        were), from its stored data and its seed, into `module_dir`; its answers."""
+        seed = passage_seed(self.cfg, module.passage_hashes[0]) if module.passage_hashes else self.cfg.train.seed
+        trained, stats = train_adapter(model, self.live.tokenizer, self.examples([module]), self.cfg.lora,
+                                       self.cfg.train, seed=seed, compute_dtype=self.dtypes.train, on_step=on_step)
+        trained.save_pretrained(str(module_dir))
+        candidate = Merged(trained)  # answered as the router will serve it: merged
+        try:
+            marks = self._marks(candidate.peft_model, qas)
+        finally:
+            candidate.discard()
+        self._retrained_stats[module.id] = {"stats": stats.as_dict(), "accuracy": accuracy(marks)}
+        self.store.log.write_manifest(module_dir, {
+            "module": new_id, "retrained_from": module.id, "trained_on": version, "created_at": now(),
+            "document": {"id": module.document_id}, "passages": [{"hash": h} for h in module.passage_hashes],
+            "lora": to_dict(self.cfg.lora), "train": to_dict(self.cfg.train), "stats": stats.as_dict(),
+            "qa": {"after": accuracy(marks), "n": len(marks)} if marks else None})
+        return marks
+
     def _record(self, version: int, result: dict[str, Any], fp: dict[str, str]) -> None:
-        """The database's half: the version, live, in one transaction (its directory is in place)."""
+        """The database's half: the version, live, with the retrained modules and their
+        keys, in one transaction (every directory is in place)."""
         row = VersionRow(version=version, parent=result["parent"], created_at=now(), document_id=None,
                          passage_hashes=[], fingerprint=fp["weights"],
-                         stats={"kind": "consolidation", "routed": result["kept"], "absorbed": result["absorbed"],
-                                "logits_fingerprint": fp["logits"], "stats": result["train"],
-                                "lora": to_dict(self.cfg.lora)})
+                         stats={"kind": "consolidation", "routed": result["routed"], "absorbed": result["absorbed"],
+                                "retrained": result["retrained"], "logits_fingerprint": fp["logits"],
+                                "stats": result["train"], "lora": to_dict(self.cfg.lora)})
         with self.state.transaction() as c:
+            for old_id, new_id in result["retrained"].items():
+                old = self.store.get(old_id)
+                done = self._retrained_stats.get(old_id, {})
+                self.store.add(new_module(new_id, old.document_id, old.passage_hashes, version,
+                                          {"retrained_from": old_id, "version": version,
+                                           "lora": to_dict(self.cfg.lora), **done}), [], np.zeros((0, 0)), conn=c)
+                self.store.copy_keys(old_id, new_id, conn=c)
             self.state.add_version(row, conn=c)
             self.state.set_meta("live_version", str(version), conn=c)
             self.state.event("consolidate", f"version {version}: consolidated {len(result['absorbed'])} "

@@ -228,6 +228,11 @@ class Attempt:
     error: TrainingDiverged | None = None  # DIVERGED
 
 
+def passage_seed(cfg: Config, passage_hash: str) -> int:
+    """The training seed of an update on a passage: the same passage, the same seed."""
+    return (cfg.model.seed * 1_000_003 + int(passage_hash[:8], 16)) % (2**31)
+
+
 class Learner:
     def __init__(self, cfg: Config, state: State, live: LiveModel, policy: Policy, bank: ReplayBank | None = None,
                  qa_policy: Policy | None = None, external: str | None = None,
@@ -287,7 +292,7 @@ class Learner:
 
     # -- one passage -----------------------------------------------------
     def _seed(self, passage_hash: str) -> int:
-        return (self.cfg.model.seed * 1_000_003 + int(passage_hash[:8], 16)) % (2**31)
+        return passage_seed(self.cfg, passage_hash)
 
     def _score(self, model, questions: list[qa_mod.Question]) -> list[qa_mod.Scored]:
         return qa_mod.evaluate(

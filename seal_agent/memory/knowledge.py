@@ -12,6 +12,7 @@ plain model.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class Knowledge:
         self._embedder: Embedder | None = None
         self._router: tuple[tuple[int, ...], Router] | None = None
         self._lock = threading.Lock()  # the API's threads and the learner's route through one router
+        self._texts: dict[int, str] = {}  # module -> its passages (they never change)
 
     @property
     def embedder(self) -> Embedder:
@@ -99,33 +101,79 @@ class Knowledge:
         doc = self.state.document(module.document_id) if module and module.document_id is not None else None
         why = {k: round(v, 4) for k, v in (("similarity", route.similarity), ("overlap", route.overlap))
                if v is not None}
+        mem = self.cfg.memory
         return [{"module": route.module, "score": round(route.score, 4), **why,
+                 "merged": mem.apply_modules, "passage_in_prompt": mem.with_passage,
                  "document": doc["path"] if doc else None, "title": doc["title"] if doc else None}]
 
     def route_questions(self, version: int, questions: list[qa_mod.Question]) -> list[Route]:
         """Questions are routed as the model is asked them (`qa.question_template`)."""
         return self.route(version, [qa_mod.question_text(q, self.cfg.qa) for q in questions])
 
+    def passage(self, module: int) -> str:
+        """The passages a module learned, as `memory.with_passage` puts them in the prompt."""
+        with self._lock:
+            if module not in self._texts:
+                found = self.store.get(module)
+                self._texts[module] = "\n\n".join(text for _, text in self.store.passages(found)) if found else ""
+            return self._texts[module]
+
+    def passage_prefix(self, route: Route) -> str:
+        """What `memory.with_passage` puts before a routed request (the API's path; "" when nothing)."""
+        if not self.cfg.memory.with_passage or route.module is None:
+            return ""
+        return self.cfg.qa.context_template.format(title="", passage=self.passage(route.module))
+
+    def applies(self, route: Route) -> int | None:
+        """The module merged in for `route` (None with `memory.apply_modules` off)."""
+        return route.module if self.cfg.memory.apply_modules else None
+
+    def _grouped(self, model, routes: list[Route], questions: list[qa_mod.Question],
+                 run: Callable[[object, list[qa_mod.Question], bool], list[T]]) -> list[T]:
+        """`run(model, questions, in_context)` per module, as `memory` says: the
+        module applied (apply_modules) and its passage in the prompt (with_passage)."""
+        mem = self.cfg.memory
+        if mem.with_passage:
+            questions = [dataclasses.replace(q, context=self.passage(r.module)) if r.module is not None else q
+                         for q, r in zip(questions, routes)]
+        applying = [Route(self.applies(r), r.score) for r in routes]
+        in_context = [mem.with_passage and r.module is not None for r in routes]
+        return by_module(model, self.store, applying, list(zip(questions, in_context)),
+                         lambda m, items: _by_context(m, items, run))
+
     def evaluate(self, model, tokenizer, version: int, questions: list[qa_mod.Question], *,
                  until_correct: bool = False) -> tuple[list[qa_mod.Scored], list[Route]]:
         routes = self.route_questions(version, questions)
 
-        def run(m, qs: list[qa_mod.Question]) -> list[qa_mod.Scored]:
+        def run(m, qs: list[qa_mod.Question], in_context: bool) -> list[qa_mod.Scored]:
             return qa_mod.evaluate(m, tokenizer, qs, self.cfg.qa, use_chat=self.cfg.model.use_chat_template,
-                                   compute_dtype=answer_dtype(self.cfg), until_correct=until_correct)
+                                   compute_dtype=answer_dtype(self.cfg), until_correct=until_correct,
+                                   in_context=in_context)
 
-        return by_module(model, self.store, routes, questions, run), routes
+        return self._grouped(model, routes, questions, run), routes
 
     def answer(self, model, tokenizer, version: int, questions: list[qa_mod.Question],
                max_new_tokens: int | None = None) -> list[Answer]:
         routes = self.route_questions(version, questions)
 
-        def run(m, qs: list[qa_mod.Question]) -> list[str]:
+        def run(m, qs: list[qa_mod.Question], in_context: bool) -> list[str]:
             return qa_mod.answer(m, tokenizer, qs, self.cfg.qa, use_chat=self.cfg.model.use_chat_template,
-                                 compute_dtype=answer_dtype(self.cfg), max_new_tokens=max_new_tokens)
+                                 compute_dtype=answer_dtype(self.cfg), max_new_tokens=max_new_tokens,
+                                 in_context=in_context)
 
-        texts = by_module(model, self.store, routes, questions, run)
+        texts = self._grouped(model, routes, questions, run)
         return [Answer(t, r) for t, r in zip(texts, routes)]
+
+
+def _by_context(model, items: list[tuple[qa_mod.Question, bool]], run) -> list:
+    """`run` once for the questions asked with their passage and once for the others, in order."""
+    out: list = [None] * len(items)
+    for in_context in (False, True):
+        where = [i for i, (_, c) in enumerate(items) if c == in_context]
+        if where:
+            for i, r in zip(where, run(model, [items[i][0] for i in where], in_context)):
+                out[i] = r
+    return out
 
 
 class _NoRoutes:

@@ -97,6 +97,11 @@ class ModuleStore:
             conn.execute("INSERT INTO module_keys(module_id, text, embedding) VALUES (?, ?, ?)",
                          (module.id, text, np.asarray(v, dtype=np.float32).tobytes()))
 
+    def copy_keys(self, src: int, dst: int, conn: sqlite3.Connection) -> None:
+        """Module `dst` is found by the keys of `src` (a module retrained on new weights: same passages)."""
+        conn.execute("INSERT INTO module_keys(module_id, text, embedding)"
+                     " SELECT ?, text, embedding FROM module_keys WHERE module_id = ? ORDER BY id", (dst, src))
+
     def get(self, module_id: int) -> Module | None:
         rows = self.state.query("SELECT * FROM modules WHERE id = ?", (module_id,))
         return _module(rows[0]) if rows else None
@@ -125,15 +130,19 @@ class ModuleStore:
             np.zeros((0, 0), dtype=np.float32)
         return owners, vectors
 
+    def passages(self, module: Module) -> list[tuple[str, str]]:
+        """(title, text) of each passage the module learned."""
+        if not module.passage_hashes:
+            return []
+        rows = self.state.query(
+            f"SELECT hash, title, text FROM passages WHERE hash IN ({','.join('?' * len(module.passage_hashes))})"
+            " GROUP BY hash", tuple(module.passage_hashes))
+        by_hash = {r["hash"]: (r["title"], r["text"]) for r in rows}
+        return [by_hash[h] for h in module.passage_hashes if h in by_hash]
+
     def texts(self, ids: Iterable[int]) -> dict[int, str]:
         """Each module's passages (titles and texts), as the lexical signal reads them."""
-        out = {}
-        for m in self.of(ids):
-            rows = self.state.query(
-                f"SELECT hash, title, text FROM passages WHERE hash IN ({','.join('?' * len(m.passage_hashes))})"
-                " GROUP BY hash", tuple(m.passage_hashes)) if m.passage_hashes else []
-            out[m.id] = "\n".join(f"{r['title']}\n{r['text']}" for r in rows)
-        return out
+        return {m.id: "\n".join(f"{title}\n{text}" for title, text in self.passages(m)) for m in self.of(ids)}
 
     def path(self, module_id: int):
         return self.log.path(module_id)

@@ -95,6 +95,13 @@ class Served:
     def used(self, route: Route) -> list[dict[str, Any]]:
         return self.knowledge.used(route) if self.knowledge is not None else []
 
+    def passage_prefix(self, route: Route) -> str:
+        """The routed module's passage, put before the request (`memory.with_passage`), or ""."""
+        return self.knowledge.passage_prefix(route) if self.knowledge is not None else ""
+
+    def _module(self, route: Route) -> int | None:
+        return self.knowledge.applies(route) if self.knowledge is not None else None
+
     def _apply(self, model, module: int | None) -> None:
         """`model` with `module` merged in (None: none); the generation lock is held."""
         if self._merged is not None:
@@ -134,13 +141,13 @@ class Served:
                  route: Route = NO_ROUTE) -> list[Completion]:
         model, _version = self.current()
         with self._generate:
-            self._apply(model, route.module)
+            self._apply(model, self._module(route))
             return complete(model, self.tokenizer, [prompt] * n, sampling, seed=seed, compute_dtype=self.dtype,
                             batch_size=n)
 
     def stream(self, prompt: str, sampling: Sampling, seed: int | None = None, route: Route = NO_ROUTE) -> TextStream:
         model, _version = self.current()
-        return TextStream(model, self.tokenizer, prompt, sampling, lock=_Applying(self, model, route.module),
+        return TextStream(model, self.tokenizer, prompt, sampling, lock=_Applying(self, model, self._module(route)),
                           compute_dtype=self.dtype, seed=seed)
 
 

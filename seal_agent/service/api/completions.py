@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -118,15 +118,24 @@ class Completions:
         for i, m in enumerate(req.messages):
             refuse_unsupported(m.model_extra, f"messages.{i}.")
         messages = [m.as_dict() for m in req.messages]
-        asked = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        return self._answer(Chat, req, self.served.prompt_for(messages), asked)
+        last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"),
+                    len(messages) - 1)
+
+        def prompt(context: str) -> str:  # the routed passage, if any, goes before the question it was routed by
+            if not context:
+                return self.served.prompt_for(messages)
+            with_context = [dict(m) for m in messages]
+            with_context[last]["content"] = context + with_context[last]["content"]
+            return self.served.prompt_for(with_context)
+
+        return self._answer(Chat, req, prompt, messages[last]["content"])
 
     def text(self, req: CompletionRequest) -> dict[str, Any] | StreamedAnswer:
         self._check(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise ApiError(400, "this server completes one prompt per request", param="prompt")
-        return self._answer(TextCompletion, req, prompts[0], prompts[0])
+        return self._answer(TextCompletion, req, lambda context: context + prompts[0], prompts[0])
 
     def _check(self, req: Sampled) -> None:
         name = self.cfg.model_name
@@ -138,12 +147,14 @@ class Completions:
             raise ApiError(400, "n > 1 is not supported with stream: leave out stream, or send n requests",
                            param="n")
 
-    def _answer(self, shape: Shape, req: Sampled, prompt: str, asked: str) -> dict[str, Any] | StreamedAnswer:
-        """`asked`: the text the request is routed by (the last user message, or the prompt)."""
+    def _answer(self, shape: Shape, req: Sampled, prompt_with: Callable[[str], str],
+                asked: str) -> dict[str, Any] | StreamedAnswer:
+        """`asked`: the text the request is routed by (the last user message, or the prompt);
+        `prompt_with(context)`: the prompt, with the routed passage (or "") put in."""
         served = self.served
-        prompt, n_prompt = served.prepare(prompt)
-        sampling = sampling_for(req, self.cfg, n_prompt, served.context, shape.prompt_param)
         route = served.route(asked)
+        prompt, n_prompt = served.prepare(prompt_with(served.passage_prefix(route)))
+        sampling = sampling_for(req, self.cfg, n_prompt, served.context, shape.prompt_param)
         # seal_modules: the knowledge modules the answer was written with (an
         # extension OpenAI's clients keep as an extra field), so a user can see why.
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
