@@ -30,6 +30,11 @@ def test_overlap_weighs_rare_terms_and_counts_unknown_ones_against():
     mixed = o.terms("Kublai zeppelin")
     assert mixed["zeppelin"] == max(mixed.values()) and o.score(mixed, 2) == pytest.approx(0.5)
     assert Overlap({}).terms("anything") == {} and o.score({}, 1) == 0.0
+    # a module's title says nothing about which of its article's passages a question is about
+    titled = Overlap(TEXTS, titles={1: "Genghis Khan", 2: "Kublai"})
+    q = titled.terms("Kublai Yuan zeppelin")
+    assert o.score(q, 2) == pytest.approx(2 / 3, abs=0.02) and titled.score(q, 2) == pytest.approx(0.5)
+    assert titled.score(titled.terms("Kublai"), 2) == 0.0 and titled.score(titled.terms("Khan"), 1) == 0.0
 
 
 class _Sized:

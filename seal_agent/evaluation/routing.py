@@ -75,7 +75,8 @@ def evaluate_routing(cfg: Config, *, data: Path | None = None, n: int = 50, unle
         keys = [(i + 1, k) for i, p in enumerate(learned) for k in key_texts(p.title, p.text)]
         router = Router(embedder, np.array([m for m, _ in keys], dtype=np.int64),
                         embedder.embed([k for _, k in keys]), threshold,
-                        texts={i + 1: f"{p.title}\n{p.text}" for i, p in enumerate(learned)}, lexical_weight=weight)
+                        texts={i + 1: f"{p.title}\n{p.text}" for i, p in enumerate(learned)},
+                        titles={i + 1: p.title for i, p in enumerate(learned)}, lexical_weight=weight)
         for i, p in enumerate(learned):
             for r in router.route(_questions(cfg, p)):
                 learned_q.append((r.nearest == i + 1, r.score))

@@ -140,10 +140,6 @@ class ModuleStore:
         by_hash = {r["hash"]: (r["title"], r["text"]) for r in rows}
         return [by_hash[h] for h in module.passage_hashes if h in by_hash]
 
-    def texts(self, ids: Iterable[int]) -> dict[int, str]:
-        """Each module's passages (titles and texts), as the lexical signal reads them."""
-        return {m.id: "\n".join(f"{title}\n{text}" for title, text in self.passages(m)) for m in self.of(ids)}
-
     def path(self, module_id: int):
         return self.log.path(module_id)
 
@@ -168,10 +164,11 @@ class Router:
     CANDIDATE_KEYS = 64
 
     def __init__(self, embedder: Embedder, owners: np.ndarray, vectors: np.ndarray, threshold: float, *,
-                 texts: dict[int, str] | None = None, lexical_weight: float = 0.0):
+                 texts: dict[int, str] | None = None, titles: dict[int, str] | None = None,
+                 lexical_weight: float = 0.0):
         self.embedder, self.owners, self.threshold = embedder, owners, threshold
         self.lexical_weight = lexical_weight if texts else 0.0
-        self.overlap = Overlap(texts or {})
+        self.overlap = Overlap(texts or {}, titles)
         self.index = faiss.IndexFlatIP(embedder.dim)
         if len(owners):
             self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -181,8 +178,11 @@ class Router:
              lexical_weight: float = 0.0) -> Router:
         routed = list(routed)
         owners, vectors = store.keys(routed)
-        texts = store.texts(routed) if lexical_weight else None
-        return cls(embedder, owners, vectors, threshold, texts=texts, lexical_weight=lexical_weight)
+        passages = {m.id: store.passages(m) for m in store.of(routed)} if lexical_weight else {}
+        texts = {m: "\n".join(f"{title}\n{text}" for title, text in ps) for m, ps in passages.items()}
+        titles = {m: "\n".join(sorted({title for title, _ in ps})) for m, ps in passages.items()}
+        return cls(embedder, owners, vectors, threshold, texts=texts or None, titles=titles,
+                   lexical_weight=lexical_weight)
 
     @property
     def modules(self) -> int:
