@@ -222,8 +222,8 @@ class MemoryConfig:
     # its passages contain (0 = the embedding alone). The best module is applied
     # when its score reaches route_threshold; below it the consolidated weights
     # answer alone. Both chosen on train_pool (BENCHMARKS.md, `eval routing`).
-    lexical_weight: float = 0.4
-    route_threshold: float = 0.82
+    lexical_weight: float = 0.5
+    route_threshold: float = 0.76
     # What a routed question is answered with: its module merged in
     # (apply_modules), and/or the module's passages put in the prompt
     # (with_passage, Parametric RAG's "combine"). Passage alone is plain RAG;

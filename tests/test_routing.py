@@ -83,6 +83,8 @@ def test_eval_routing_measures_the_router_without_training(tmp_path, tiny_config
     d = json.loads(r.output)
     assert d["questions"] > 0 and d["unlearned_questions"] > 0
     assert d["router_recall_at_1"] >= d["router_applied_right_module"] > 0
+    at_k = [d["router_recall_at_k"][k] for k in ("1", "2", "3", "5")]
+    assert at_k[0] == d["router_recall_at_1"] and at_k == sorted(at_k) and at_k[-1] == 1.0  # 5 of 4 modules
     t = d["threshold_for_target"]
     assert t is not None and d["sweep"][0]["threshold"] == 0.3
     # the sweep row at the configured threshold's side agrees with the reported shares

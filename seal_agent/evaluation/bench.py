@@ -447,7 +447,7 @@ def api_client(backend) -> Iterator:
 
 
 def routing_speed(n_modules: int = 1000, keys_per_module: int = 6, dim: int = 384, queries: int = 200,
-                  lexical_weight: float = 0.4) -> dict[str, Any]:
+                  lexical_weight: float = 0.5) -> dict[str, Any]:
     """The router's search over `n_modules` modules' keys (random unit vectors)
     and its term overlap with their passages (random words), one question at a
     time; the question's embedding is timed apart."""
@@ -462,7 +462,7 @@ def routing_speed(n_modules: int = 1000, keys_per_module: int = 6, dim: int = 38
 
     sized = type("Sized", (), {"name": "random", "dim": dim})()  # the router needs only the size: vectors are given
     t0 = time.perf_counter()
-    router = Router(sized, owners, vectors, threshold=0.82, texts=texts, lexical_weight=lexical_weight)
+    router = Router(sized, owners, vectors, threshold=0.76, texts=texts, lexical_weight=lexical_weight)
     build_s = time.perf_counter() - t0
     xq = rng.standard_normal((queries, dim), dtype=np.float32)
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)

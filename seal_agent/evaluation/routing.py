@@ -6,7 +6,8 @@ passages of a data file stand for n learned modules (their keys embedded, their
 texts for the lexical signal), the next `unlearned` for what was never learned.
 Each passage's own questions, which the router never saw, are routed:
 
-- recall@1: the best-scoring module is the question's own;
+- recall@1: the best-scoring module is the question's own (recall@k: among
+  the k best, what top-k routing could gain at most);
 - applied_right: ... and its score reaches the threshold (it is applied);
 - unlearned_no_module: a question about an unlearned passage gets no module
   (also split into articles with and without a learned passage).
@@ -67,6 +68,7 @@ def evaluate_routing(cfg: Config, *, data: Path | None = None, n: int = 50, unle
     threshold, weight = cfg.memory.route_threshold, cfg.memory.lexical_weight
     learned_q: list[tuple[bool, float]] = []
     unlearned_q: list[tuple[bool, float]] = []  # (same article as a learned passage, best score)
+    rank_of: list[int] = []  # where each learned question's own module ranks (0: first)
     for seed in seeds or [None]:
         drawn = list(passages)
         if seed is not None:
@@ -78,8 +80,9 @@ def evaluate_routing(cfg: Config, *, data: Path | None = None, n: int = 50, unle
                         texts={i + 1: f"{p.title}\n{p.text}" for i, p in enumerate(learned)},
                         titles={i + 1: p.title for i, p in enumerate(learned)}, lexical_weight=weight)
         for i, p in enumerate(learned):
-            for r in router.route(_questions(cfg, p)):
-                learned_q.append((r.nearest == i + 1, r.score))
+            for ranked in router.rank(_questions(cfg, p)):
+                learned_q.append((ranked[0].nearest == i + 1, ranked[0].score))
+                rank_of.append(next((j for j, r in enumerate(ranked) if r.nearest == i + 1), len(ranked)))
         titles = {p.title for p in learned}
         for p in held:
             for r in router.route(_questions(cfg, p)):
@@ -90,6 +93,8 @@ def evaluate_routing(cfg: Config, *, data: Path | None = None, n: int = 50, unle
         "route_threshold": threshold, "lexical_weight": weight,
         "questions": len(learned_q), "unlearned_questions": len(unlearned_q),
         "router_recall_at_1": _share(right for right, _ in learned_q),
+        # how often the own module is among the k best: what top-k routing could win at most
+        "router_recall_at_k": {k: _share(r < k for r in rank_of) for k in (1, 2, 3, 5)},
         "router_applied_right_module": _share(right and s >= threshold for right, s in learned_q),
         "unlearned_no_module": _share(s < threshold for s in u_scores),
         "unlearned_same_article_no_module": _share(s < threshold for same, s in unlearned_q if same),

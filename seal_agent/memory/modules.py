@@ -188,12 +188,13 @@ class Router:
     def modules(self) -> int:
         return len(set(self.owners.tolist()))
 
-    def route_vectors(self, queries: np.ndarray, texts: list[str] | None = None) -> list[Route]:
-        """Each query's route: its best-scoring module, if it scores high enough.
+    def rank_vectors(self, queries: np.ndarray, texts: list[str] | None = None) -> list[list[Route]]:
+        """Each query's candidate modules as routes, best first (the first is its route).
         `texts`: the queries' words, for the lexical signal (None: embedding alone)."""
         if self.index.ntotal == 0 or len(queries) == 0:
-            return [Route(None, -1.0) for _ in range(len(queries))]
-        k = min(self.index.ntotal, self.CANDIDATE_KEYS if self.lexical_weight and texts is not None else 1)
+            return [[Route(None, -1.0)] for _ in range(len(queries))]
+        lexical = bool(self.lexical_weight) and texts is not None
+        k = min(self.index.ntotal, self.CANDIDATE_KEYS)
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         out = []
         for i, (s_row, r_row) in enumerate(zip(scores, rows)):
@@ -201,13 +202,21 @@ class Router:
             for s, r in zip(s_row, r_row):
                 if r >= 0:
                     similarity.setdefault(int(self.owners[r]), float(s))  # rows come best first
-            terms = self.overlap.terms(texts[i]) if k > 1 and texts is not None else {}
-            overlap = {m: self.overlap.score(terms, m) for m in similarity} if terms else dict.fromkeys(similarity, 0.0)
-            best = max(similarity, key=lambda m: similarity[m] + self.lexical_weight * overlap[m])
-            score = similarity[best] + self.lexical_weight * overlap[best]
-            out.append(Route(best if score >= self.threshold else None, score, best, similarity[best],
-                             overlap[best] if self.lexical_weight else None))
+            terms = self.overlap.terms(texts[i]) if lexical else {}
+            ranked = []
+            for m, sim in similarity.items():
+                overlap = self.overlap.score(terms, m) if lexical else None
+                score = sim + self.lexical_weight * overlap if lexical else sim
+                ranked.append(Route(m if score >= self.threshold else None, score, m, sim, overlap))
+            out.append(sorted(ranked, key=lambda r: -r.score))
         return out
+
+    def route_vectors(self, queries: np.ndarray, texts: list[str] | None = None) -> list[Route]:
+        """Each query's route: its best-scoring module, if it scores high enough."""
+        return [ranked[0] for ranked in self.rank_vectors(queries, texts)]
+
+    def rank(self, texts: list[str]) -> list[list[Route]]:
+        return self.rank_vectors(self.embedder.embed(texts), texts) if texts else []
 
     def route(self, texts: list[str]) -> list[Route]:
         return self.route_vectors(self.embedder.embed(texts), texts) if texts else []
