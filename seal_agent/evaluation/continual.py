@@ -194,6 +194,7 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
             extra["consolidation"] = {
                 **{k: folded.get(k) for k in ("decision", "reason", "version", "seconds", "held_lost")},
                 "absorbed": len(folded.get("absorbed", [])), "kept": len(folded.get("kept", [])),
+                "retrained": len(folded.get("retrained", {})),
                 "mean_after": _mean(after), "mean_slow_alone": _mean(slow),
                 "row_after": [None if x is None else round(x, 4) for x in after],
             }

@@ -10,16 +10,22 @@ daemon, with `memory.mode = "modules"`):
   2. per routed module, the new weights alone answer its documents' replay QAs:
      a document now answered at least as well as by its module (the module's
      recorded answers) is *absorbed*: its module leaves the routing table (and
-     stays on disk). The others keep their modules, re-checked on the new weights;
+     stays on disk). The others keep their modules, re-checked on the new
+     weights; with `memory.retrain_kept` each kept module is trained again on
+     the new weights instead, from its stored data with its seed, under a new
+     id (a module's delta does not carry over to other weights; retraining
+     it there did not help either: BENCHMARKS.md);
   3. it goes live only if the documents absorbed before (held by the weights,
      with no module) lose at most `memory.max_forgetting` of the replay answers
-     the old weights knew, and no kept module loses more than that of its
-     answers on the new weights; otherwise the copy is dropped;
+     the old weights knew, and no kept module (retrained) loses more than that
+     of its answers; otherwise the copy and the retrained modules are dropped;
   4. a live consolidation is a version of its own: the merged adapter in the
-     adapter log (knowledge/vNNNN) before the database makes it live with the
-     new routing table, in one transaction.
-It yields to waiting documents (`should_stop`, between training steps): the
-weights stay as they were and nothing is recorded but the event.
+     adapter log (knowledge/vNNNN) and the retrained modules' directories are
+     in place before the database makes it live with the new routing table and
+     the new modules' rows, in one transaction.
+It yields to waiting documents (`should_stop`, between training steps, its own
+and the retrained modules'): the weights stay as they were and nothing is
+recorded but the event.
 """
 
 from __future__ import annotations
