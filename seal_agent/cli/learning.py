@@ -242,7 +242,9 @@ def consolidate(ctx: click.Context, as_json: bool) -> None:
         out.print(f"{result['decision']}: {result['reason']} (live version {result['version']})", highlight=False)
         return
     out.print(f"version {result['version']}: {len(result['absorbed'])} of {result['modules']} modules absorbed, "
-              f"{len(result['kept'])} kept; documents held before: {result['held_accuracy_before']} -> "
+              f"{len(result['kept'])} kept" + (f" ({len(result['retrained'])} retrained on the new weights)"
+                                                 if result.get("retrained") else "") +
+              f"; documents held before: {result['held_accuracy_before']} -> "
               f"{result['held_accuracy_after']} ({result['seconds']} s)", highlight=False)
 
 
