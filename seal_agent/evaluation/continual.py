@@ -27,6 +27,7 @@ from ..progress import Progress, no_progress
 from ..qa import answering as qa_mod
 from .conditions import EXTERNAL, require_external
 from .ladder import eval_passages
+from .routing import share
 from .scratch import scratch_config
 
 
@@ -75,10 +76,6 @@ def perplexity(model, tokenizer, texts: list[str]) -> float:
             total += loss * (ids.shape[1] - 1)
             count += ids.shape[1] - 1
     return round(math.exp(total / count), 4) if count else float("nan")
-
-
-def _share(marks: list[bool]) -> float | None:
-    return round(sum(marks) / len(marks), 4) if marks else None
 
 
 def checkpoints(n: int, every: int) -> set[int]:
@@ -180,8 +177,8 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
             matrix.append(row)
             progress("row", {"step": i + 1, "row": matrix[-1], "status": pr.status})
         if modules_mode:
-            extra["router_recall_at_1"] = _share(routing[0])
-            extra["router_applied_right_module"] = _share(routing[1])
+            extra["router_recall_at_1"] = share(routing[0])
+            extra["router_applied_right_module"] = share(routing[1])
             extra.update(_unlearned_routing(agent, live, passages, unlearned))
         if ppl_texts:
             extra["perplexity"] = {"base": base_ppl, "final": perplexity(live.model, live.tokenizer, list(ppl_texts))}
@@ -238,9 +235,9 @@ def _unlearned_routing(agent, live, learned: list[Passage], unlearned: list[Pass
     none = [r.module is None for r in routes]
     other = [r.module is None for (same, _), r in zip(qs, routes) if not same]
     same = [r.module is None for (s, _), r in zip(qs, routes) if s]
-    return {"unlearned_no_module": _share(none), "unlearned_questions": len(none),
-            "unlearned_other_articles_no_module": _share(other), "unlearned_other_articles_questions": len(other),
-            "unlearned_same_article_no_module": _share(same), "unlearned_same_article_questions": len(same)}
+    return {"unlearned_no_module": share(none), "unlearned_questions": len(none),
+            "unlearned_other_articles_no_module": share(other), "unlearned_other_articles_questions": len(other),
+            "unlearned_same_article_no_module": share(same), "unlearned_same_article_questions": len(same)}
 
 
 def evaluate_continual(cfg: Config, *, data: Path | None = None, n: int = 8, gate: bool = True,

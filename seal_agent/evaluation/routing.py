@@ -35,7 +35,8 @@ from ..qa import answering as qa_mod
 from .ladder import eval_passages
 
 
-def _share(xs) -> float | None:
+def share(xs) -> float | None:
+    """The share of true marks (None: no marks), to 4 places."""
     xs = list(xs)
     return round(sum(xs) / len(xs), 4) if xs else None
 
@@ -45,8 +46,8 @@ def sweep(learned: list[tuple[bool, float]], unlearned: list[float], thresholds)
     applied, and of unlearned questions given no module. `learned`: (own module
     picked, score) per question; `unlearned`: the best score per question."""
     return [{"threshold": round(float(t), 4),
-             "applied_right": _share(right and s >= t for right, s in learned),
-             "unlearned_no_module": _share(s < t for s in unlearned)} for t in thresholds]
+             "applied_right": share(right and s >= t for right, s in learned),
+             "unlearned_no_module": share(s < t for s in unlearned)} for t in thresholds]
 
 
 def threshold_for(unlearned: list[float], target: float) -> float | None:
@@ -92,13 +93,13 @@ def evaluate_routing(cfg: Config, *, data: Path | None = None, n: int = 50, unle
         "data": str(data), "n": n, "unlearned": unlearned, "seeds": seeds, "embedder": embedder.name,
         "route_threshold": threshold, "lexical_weight": weight,
         "questions": len(learned_q), "unlearned_questions": len(unlearned_q),
-        "router_recall_at_1": _share(right for right, _ in learned_q),
+        "router_recall_at_1": share(right for right, _ in learned_q),
         # how often the own module is among the k best: what top-k routing could win at most
-        "router_recall_at_k": {k: _share(r < k for r in rank_of) for k in (1, 2, 3, 5)},
-        "router_applied_right_module": _share(right and s >= threshold for right, s in learned_q),
-        "unlearned_no_module": _share(s < threshold for s in u_scores),
-        "unlearned_same_article_no_module": _share(s < threshold for same, s in unlearned_q if same),
-        "unlearned_other_articles_no_module": _share(s < threshold for same, s in unlearned_q if not same),
+        "router_recall_at_k": {k: share(r < k for r in rank_of) for k in (1, 2, 3, 5)},
+        "router_applied_right_module": share(right and s >= threshold for right, s in learned_q),
+        "unlearned_no_module": share(s < threshold for s in u_scores),
+        "unlearned_same_article_no_module": share(s < threshold for same, s in unlearned_q if same),
+        "unlearned_other_articles_no_module": share(s < threshold for same, s in unlearned_q if not same),
         "target": target, "threshold_for_target": threshold_for(u_scores, target),
         "sweep": sweep(learned_q, u_scores, np.round(np.arange(0.3, 1.3001, 0.04), 4)),
     }

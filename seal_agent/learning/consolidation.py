@@ -118,7 +118,6 @@ class Consolidation:
         self.cfg, self.state, self.live, self.store = cfg, state, live, store
         self.bank, self.policy = bank, policy
         self.dtypes = compute_dtypes(cfg)
-        self._retrained_stats: dict[int, dict[str, Any]] = {}
 
     # -- what it trains on, what it checks ---------------------------------
     def line_modules(self, version: int) -> list[Module]:
@@ -220,6 +219,7 @@ class Consolidation:
                 # directory that is dropped with the rest if the checks refuse.
                 keep = [m for m in modules if not absorbs(module_before[m.id], alone[m.id])]
                 retrained: dict[int, int] = {}
+                retrained_stats: dict[int, dict[str, Any]] = {}  # old id -> its retraining's stats and accuracy
                 rechecked: dict[int, dict[int, bool]] = {}
                 first = self.store.next_id()
                 for i, m in enumerate(keep):
@@ -229,8 +229,8 @@ class Consolidation:
                         continue
                     progress("consolidate-retrain", {"module": m.id, "index": i, "total": len(keep)})
                     module_dir = staged_modules.enter_context(self.store.log.staging(first + i))
-                    rechecked[m.id] = self._retrain(new_model, m, module_qas[m.id], first + i, module_dir,
-                                                    version, on_step)
+                    rechecked[m.id], retrained_stats[m.id] = self._retrain(
+                        new_model, m, module_qas[m.id], first + i, module_dir, version, on_step)
                     retrained[m.id] = first + i
                 verdict = decide(module_before, alone, rechecked, held_before, held_after, limit)
                 result: dict[str, Any] = {
@@ -261,16 +261,17 @@ class Consolidation:
                              version=parent, data=result)
             result["seconds"] = round(time.perf_counter() - t0, 1)
             return result
-        self._record(version, result, fp)
+        self._record(version, result, fp, retrained_stats)
         self.live.model, self.live.version = new_model, version
         result["decision"], result["version"] = "consolidated", version
         result["seconds"] = round(time.perf_counter() - t0, 1)
         return result
 
     def _retrain(self, model, module: Module, qas: list[BankQA], new_id: int, module_dir, version: int,
-                 on_step: Callable[[int, int, float], None]) -> dict[int, bool]:
+                 on_step: Callable[[int, int, float], None]) -> tuple[dict[int, bool], dict[str, Any]]:
         """`module` trained again, on the new weights `model` (which it leaves as they
-        were), from its stored data and its seed, into `module_dir`; its answers."""
+        were), from its stored data and its seed, into `module_dir`; its answers, and
+        its training's stats with its accuracy."""
         seed = passage_seed(self.cfg, module.passage_hashes[0]) if module.passage_hashes else self.cfg.train.seed
         trained, stats = train_adapter(model, self.live.tokenizer, self.examples([module]), self.cfg.lora,
                                        self.cfg.train, seed=seed, compute_dtype=self.dtypes.train, on_step=on_step)
@@ -280,15 +281,15 @@ class Consolidation:
             marks = self._marks(candidate.peft_model, qas)
         finally:
             candidate.discard()
-        self._retrained_stats[module.id] = {"stats": stats.as_dict(), "accuracy": accuracy(marks)}
         self.store.log.write_manifest(module_dir, {
             "module": new_id, "retrained_from": module.id, "trained_on": version, "created_at": now(),
             "document": {"id": module.document_id}, "passages": [{"hash": h} for h in module.passage_hashes],
             "lora": to_dict(self.cfg.lora), "train": to_dict(self.cfg.train), "stats": stats.as_dict(),
             "qa": {"after": accuracy(marks), "n": len(marks)} if marks else None})
-        return marks
+        return marks, {"stats": stats.as_dict(), "accuracy": accuracy(marks)}
 
-    def _record(self, version: int, result: dict[str, Any], fp: dict[str, str]) -> None:
+    def _record(self, version: int, result: dict[str, Any], fp: dict[str, str],
+                retrained_stats: dict[int, dict[str, Any]]) -> None:
         """The database's half: the version, live, with the retrained modules and their
         keys, in one transaction (every directory is in place)."""
         row = VersionRow(version=version, parent=result["parent"], created_at=now(), document_id=None,
@@ -299,7 +300,7 @@ class Consolidation:
         with self.state.transaction() as c:
             for old_id, new_id in result["retrained"].items():
                 old = self.store.get(old_id)
-                done = self._retrained_stats.get(old_id, {})
+                done = retrained_stats[old_id]
                 self.store.add(new_module(new_id, old.document_id, old.passage_hashes, version,
                                           {"retrained_from": old_id, "version": version,
                                            "lora": to_dict(self.cfg.lora), **done}), [], np.zeros((0, 0)), conn=c)
