@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, engine_for
 from .documents import SUPPORTED
 from .errors import SealError
 from .learning.learner import DocumentReport, Learner
@@ -78,6 +79,9 @@ class SealAgent:
         self.policy_versions = PolicyVersions(self.state, cfg.state_path("adapters"), self.policy.name)
         self._live: LiveModel | None = None
         self._bank: ReplayBank | None = None
+        self._vllm = None  # the vLLM engine on the live weights (engine/vllm.py), started on first use
+        self._vllm_weights: int | None = None
+        self._engine_lock = threading.Lock()
         self._took_lock = lock is None
         self.lock = lock or StateLock(cfg.state_dir, role)
         if self.lock.held:
@@ -100,6 +104,10 @@ class SealAgent:
             log.info("document %d: its learning was interrupted by a stop; marked interrupted", doc_id)
 
     def close(self) -> None:
+        with self._engine_lock:
+            if self._vllm is not None:
+                self._vllm.retire()  # once the requests in flight are answered
+                self._vllm = None
         self.state.close()
         if self._took_lock:
             self.lock.release()
@@ -120,6 +128,35 @@ class SealAgent:
             self._bank = ReplayBank(self.state, load_embedder(self.cfg), self.cfg.state_path("replay_index"))
         return self._bank
 
+    def vllm(self):
+        """The vLLM engine on the live weights: started on first use, and replaced
+        by one on the new weights when they change (the old one is retired: it
+        finishes the requests it has, then shuts down)."""
+        from .engine import start_vllm, weights_version
+
+        live = self.live
+        w = weights_version(self.state, live.version)
+        with self._engine_lock:
+            if self._vllm is None or self._vllm_weights != w:
+                engine = start_vllm(self.cfg, live, live.version)
+                if self._vllm is not None:
+                    self._vllm.retire()
+                self._vllm, self._vllm_weights = engine, w
+            return self._vllm
+
+    def decoder(self, job: str):
+        """What decodes for `job` ("serve": ask and the API; "generate": writing and
+        the answers checks and evaluations score): the live model (torch) or a view
+        of the vLLM engine on the same weights."""
+        return self.vllm().view() if engine_for(self.cfg, job) == "vllm" else self.live.model
+
+    def _generating_engine(self):
+        """The learner's engine: vLLM where engine.generate says so, on the modules line
+        (the merge line changes the weights at every update: an engine per passage)."""
+        if engine_for(self.cfg, "generate") != "vllm" or self.cfg.memory.mode != "modules":
+            return None
+        return self.vllm
+
     def model_at(self, version: int):
         """(model, tokenizer) holding `version`'s weights, apart from the live model."""
         if self._live is None:
@@ -134,7 +171,7 @@ class SealAgent:
             from .learning.modules import ModuleLearner
 
             return ModuleLearner(*args, external=external, policy_versions=self.policy_versions,
-                                 modules=self.modules, embedder=self.bank.embedder)
+                                 modules=self.modules, embedder=self.bank.embedder, engine=self._generating_engine())
         return Learner(*args, external=external, policy_versions=self.policy_versions)
 
     def learn(self, path: Path, progress: Progress = no_progress, max_passages: int | None = None,
@@ -145,7 +182,7 @@ class SealAgent:
     def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
         """The live version's answer, and the modules it was answered with (and why)."""
         live = self.live
-        [a] = self.knowledge.answer(live.model, live.tokenizer, live.version, [Question(question, "")],
+        [a] = self.knowledge.answer(self.decoder("serve"), live.tokenizer, live.version, [Question(question, "")],
                                     max_new_tokens=max_new_tokens)
         return {"question": question, "answer": a.text, "version": live.version,
                 "modules": self.knowledge.used(a.route)}
@@ -202,7 +239,7 @@ class SealAgent:
         qas = self.bank.active(self._lineage())
         if sample is not None and sample < len(qas):
             qas = sorted(random.Random(seed).sample(qas, sample), key=lambda q: q.id)
-        scored, _routes = self.knowledge.evaluate(live.model, live.tokenizer, live.version,
+        scored, _routes = self.knowledge.evaluate(self.decoder("generate"), live.tokenizer, live.version,
                                                   [q.as_question() for q in qas])
         self.bank.record(live.version, [(q.id, s.correct, s.prediction) for q, s in zip(qas, scored)])
         per_doc: dict[int | None, list[bool]] = {}
@@ -255,7 +292,8 @@ class SealAgent:
         live = self.live
         deps = RoundDeps(cfg=self.cfg, state=self.state, rounds=RoundLog(self.state), policy=self.policy,
                          versions=self.policy_versions, model=live.model, tokenizer=live.tokenizer,
-                         knowledge_version=live.version, bank=self.bank if self.cfg.replay.enabled else None)
+                         knowledge_version=live.version, bank=self.bank if self.cfg.replay.enabled else None,
+                         sampler=self.vllm().view() if engine_for(self.cfg, "generate") == "vllm" else None)
         return run_round(deps, rcfg, data=list(data), should_stop=should_stop, progress=progress)
 
     # -- consolidation -------------------------------------------------------

@@ -64,6 +64,37 @@ class ModelConfig:
     # Wrap prompts in the tokenizer's chat template when it has one.
     use_chat_template: bool = True
     seed: int = 0
+    # What decodes: "torch" (our own loop over the transformers model) or "vllm"
+    # (the `.[vllm]` extra: continuous batching, LoRA modules as per-request
+    # adapters). [engine] serve / generate choose per job.
+    engine: str = "torch"
+
+
+@dataclass
+class EngineConfig:
+    # The engine per job; "" = model.engine. serve: the API and `ask`;
+    # generate: self-edits, model-written questions, ReSTEM's samples and the
+    # answers the learner's checks and evaluations score.
+    serve: str = ""
+    generate: str = ""
+    # vLLM's dtype. float32 decodes the same greedy tokens as the torch engine's
+    # float32 answers (tests/test_engine.py), so what a check scored is what is served.
+    dtype: str = "float32"
+    # vLLM's LoRA slots: the highest module rank it accepts (lora.r must fit), how
+    # many different modules one batch may mix, how many it keeps loaded.
+    max_lora_rank: int = 64
+    max_loras: int = 16
+    max_cpu_loras: int = 64
+    # KV cache reserved by vLLM, GiB (on a CPU it is ordinary memory).
+    kv_cache_gib: float = 1.0
+    max_model_len: int = 2048
+    max_num_seqs: int = 32           # rows decoded together at most
+    # CPU: no torch.compile (minutes of compiling at every start for a model this small).
+    enforce_eager: bool = True
+    # vLLM's share of an accelerator's memory (a GPU); unused on a CPU.
+    gpu_memory_utilization: float = 0.5
+    # Seconds an engine that replaced another waits for the old one's requests to finish.
+    drain_s: float = 120.0
 
 
 @dataclass
@@ -345,6 +376,7 @@ class AdapterLogConfig:
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -386,6 +418,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.answer_dtype": ("auto", "float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("eager", "sdpa"),
+    "model.engine": ("torch", "vllm"),
+    "engine.serve": ("", "torch", "vllm"),
+    "engine.generate": ("", "torch", "vllm"),
+    "engine.dtype": ("float32", "bfloat16"),
     "train.loss_on": ("all", "completion"),
     "qa.grader": ("contains", "exact", "f1"),
     "replay.embedder": ("minilm", "base-model"),
@@ -427,6 +463,9 @@ _SHARE, _FRACTION = Bound(0, 1), Bound(0, 1, high_open=True)
 # acting silently as something else (a negative learning rate climbs the loss).
 _BOUNDS: dict[str, Bound] = {
     "model.threads": _AT_LEAST_0,
+    "engine.max_lora_rank": _AT_LEAST_1, "engine.max_loras": _AT_LEAST_1, "engine.max_cpu_loras": _AT_LEAST_1,
+    "engine.kv_cache_gib": _POSITIVE, "engine.max_model_len": _AT_LEAST_1, "engine.max_num_seqs": _AT_LEAST_1,
+    "engine.gpu_memory_utilization": Bound(0, 1, low_open=True), "engine.drain_s": _AT_LEAST_0,
     "policy.write_batch": _AT_LEAST_1,
     "split.max_tokens": _AT_LEAST_1, "split.min_tokens": _AT_LEAST_0,
     "lora.r": _AT_LEAST_1, "lora.alpha": _AT_LEAST_1, "lora.dropout": _FRACTION,
@@ -573,9 +612,23 @@ def _check_together(cfg: Config) -> None:
     if cfg.api.default_max_tokens > cfg.api.max_tokens:
         raise ConfigError(f"api.default_max_tokens ({cfg.api.default_max_tokens}) is over api.max_tokens "
                           f"({cfg.api.max_tokens}): every request without max_tokens would be refused")
+    if "vllm" in (engine_for(cfg, "serve"), engine_for(cfg, "generate")):
+        for key, r in (("lora.r", cfg.lora.r), ("restem.lora_r", cfg.restem.lora_r)):
+            if r > cfg.engine.max_lora_rank:
+                raise ConfigError(f"{key} ({r}) is over engine.max_lora_rank ({cfg.engine.max_lora_rank}): vLLM "
+                                  'could not load those adapters; raise engine.max_lora_rank or set model.engine = '
+                                  '"torch"')
+        if cfg.engine.max_cpu_loras < cfg.engine.max_loras:
+            raise ConfigError(f"engine.max_cpu_loras ({cfg.engine.max_cpu_loras}) is under engine.max_loras "
+                              f"({cfg.engine.max_loras})")
     if cfg.split.min_tokens > cfg.split.max_tokens:
         raise ConfigError(f"split.min_tokens ({cfg.split.min_tokens}) is over split.max_tokens "
                           f"({cfg.split.max_tokens})")
+
+
+def engine_for(cfg: Config, job: str) -> str:
+    """The engine of a job ("serve" or "generate"): its [engine] key, else model.engine."""
+    return getattr(cfg.engine, job) or cfg.model.engine
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -72,6 +72,28 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return out
 
 
+def _tiny_llama(tokenizer_dir: Path, out: Path, hidden: int) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        initializer_range=0.1, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(1234)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """The tiny Llama 128 wide: heads of 32, the smallest vLLM's CPU attention takes (16 it refuses)."""
+    return _tiny_llama(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama-128"), 128)
+
+
 # A daemon under test: quick to take files, no schedules unless a test sets one.
 DAEMON_SECTIONS = """
 [inbox]

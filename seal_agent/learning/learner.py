@@ -34,6 +34,7 @@ import dataclasses
 import enum
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,7 @@ def passage_seed(cfg: Config, passage_hash: str) -> int:
 class Learner:
     def __init__(self, cfg: Config, state: State, live: LiveModel, policy: Policy, bank: ReplayBank | None = None,
                  qa_policy: Policy | None = None, external: str | None = None,
-                 policy_versions: PolicyVersions | None = None):
+                 policy_versions: PolicyVersions | None = None, engine: Callable[[], Any] | None = None):
         self.cfg = cfg
         self.state = state
         self.live = live
@@ -248,6 +249,13 @@ class Learner:
         # The promoted policy adapter writes the self-edits (None: the prompt alone).
         self.policy_versions = policy_versions
         self.dtypes = compute_dtypes(cfg)
+        # The vLLM engine on the live weights, where it writes and answers (engine.generate); None: torch.
+        self.engine = engine
+
+    def _decoder(self):
+        """What writes self-edits and questions and answers the checks: the live
+        model, or a vLLM engine serving the very same weights."""
+        return self.live.model if self.engine is None else self.engine().view()
 
     def read(self, path: Path) -> Document:
         tok = self.live.tokenizer
@@ -343,7 +351,7 @@ class Learner:
         todo = [i for i in range(len(passages)) if i not in edits]
         if todo:
             adapter = self.policy_versions.adapter_dir() if self.policy_versions else None
-            written = write_for(self.live.model, self.live.tokenizer, self.policy, [passages[i] for i in todo],
+            written = write_for(self._decoder(), self.live.tokenizer, self.policy, [passages[i] for i in todo],
                                 use_chat=self.cfg.model.use_chat_template, dtype=self.dtypes.generate, seed=seed,
                                 adapter=adapter, batch_size=self.cfg.policy.write_batch)
             edits.update(zip(todo, written))
@@ -364,7 +372,7 @@ class Learner:
                 need.append((p, d))
         if not need:
             return
-        gens = generate_qas(self.live.model, self.live.tokenizer, self.qa_policy, [p for p, _ in need], self.cfg.qa,
+        gens = generate_qas(self._decoder(), self.live.tokenizer, self.qa_policy, [p for p, _ in need], self.cfg.qa,
                             use_chat=self.cfg.model.use_chat_template, dtype=self.dtypes.generate, seed=seed,
                             max_qas=self.cfg.replay.max_qas)
         for (_, d), gen in zip(need, gens):

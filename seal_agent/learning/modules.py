@@ -94,7 +94,7 @@ class ModuleLearner(Learner):
                                          stage_seconds=dict(d.stage_seconds)))
         flat = [q for qs in questions for q in qs]
         progress("qa-before", {"index": indices[0], "n": len(flat)})
-        before = self._score(self.live.model, flat)
+        before = self._score(self._decoder(), flat)
         examples = [e for d in drafts for e in d.edit.examples]
         seed = self._seed(passages[0].hash)
         progress("train", {"index": indices[0], "examples": len(examples), "attempt": 1,
@@ -121,12 +121,17 @@ class ModuleLearner(Learner):
             with self.modules.log.staging(module_id) as module_dir:
                 trained.save_pretrained(str(module_dir))
                 progress("qa-after", {"index": indices[0], "n": len(flat)})
-                candidate = Merged(trained)  # answered as the router will serve it: merged
-                try:
-                    after = self._score(candidate.peft_model, flat)
-                finally:
-                    candidate.discard()  # the consolidated weights, exactly as they were
+                if self.engine is not None:
+                    trained.unload()  # the consolidated weights, exactly as they were
                     trained = None
+                    after = self._engine_after(module_dir, flat)
+                else:
+                    candidate = Merged(trained)  # answered as the router will serve it: merged
+                    try:
+                        after = self._score(candidate.peft_model, flat)
+                    finally:
+                        candidate.discard()  # the consolidated weights, exactly as they were
+                        trained = None
                 t_commit = time.perf_counter()
                 progress("commit", {"index": indices[0]})
                 record = self._record(module_id, passages, indices, doc_id, drafts, questions, before, after,
@@ -150,6 +155,17 @@ class ModuleLearner(Learner):
                                                    if k in ("self-edit", "questions"))
             progress("learned", {"index": r.index, "version": version, "module": module_id})
         return reports
+
+    def _engine_after(self, module_dir, questions: list[qa_mod.Question]) -> list[qa_mod.Scored]:
+        """The module's "after", answered as vLLM will serve it: the adapter given per
+        request. Loading it first means a module vLLM cannot serve (its rank, its
+        target modules) fails its document here, saying why, not at the first question."""
+        engine = self.engine()
+        engine.load(module_dir)
+        try:
+            return self._score(engine.view(module_dir), questions)
+        finally:
+            engine.unload(module_dir)  # the staged directory: the module is served from its final one
 
     def _record(self, module_id: int, passages: list[Passage], indices: list[int], doc_id: int,
                 drafts: list[Draft], questions: list[list[qa_mod.Question]], before: list[qa_mod.Scored],

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 
 from ..documents import Passage
-from ..model.generation import generate
+from ..model.generation import Decoder, generate
 from ..model.inner_loop import Example
 from ..model.precision import Precision
 from ..policy import Policy
@@ -36,6 +36,9 @@ def policy_adapter(model, adapter_dir: Path | None) -> Iterator:
     No adapter (policy version 0): `model` itself, prompted by the policy file."""
     if adapter_dir is None:
         yield model
+        return
+    if isinstance(model, Decoder):  # an engine takes the adapter as a request option
+        yield model.with_adapter(adapter_dir)
         return
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     peft_model.eval()

@@ -89,6 +89,10 @@ class Knowledge:
             self._router = (routed, router)
         return self._router[1]
 
+    def dropped(self, old: int, new: int) -> list[int]:
+        """The modules `old` routes to and `new` does not (a rollback, a consolidation that absorbed them)."""
+        return sorted(set(routed_modules(self.state, old)) - set(routed_modules(self.state, new)))
+
     def route(self, version: int, texts: list[str]) -> list[Route]:
         with self._lock:
             return self.router(version).route(texts)

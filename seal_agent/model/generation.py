@@ -43,6 +43,18 @@ class Completion:
     finish_reason: str  # "stop" (an end token or a stop string) or "length" (max_new_tokens written)
 
 
+class Decoder:
+    """A decoding engine standing where a torch model would (vLLM's: engine/vllm.py):
+    `complete` and `generate` hand it the prompts, and `with_adapter` is how a
+    LoRA module or the policy adapter is applied to it (a request option, not a merge)."""
+
+    def complete(self, prompts: list[str], sampling: Sampling, *, seed: int | None = None) -> list[Completion]:
+        raise NotImplementedError
+
+    def with_adapter(self, adapter_dir) -> Decoder:
+        raise NotImplementedError
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -349,6 +361,8 @@ def complete(
     generation config adds nothing else (penalties, other filters; those go
     to `model.generate`, without `done`). Both write keys and values into room
     reserved for the whole completion."""
+    if isinstance(model, Decoder):  # the engine batches for itself; `groups`, `done` are torch's economies
+        return model.complete(prompts, sampling, seed=seed)
     if seed is not None:
         torch.manual_seed(seed)
     outputs: list[Completion] = []

@@ -31,6 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..config import LoraConfig, TrainConfig
 from ..errors import TrainingDiverged
+from .generation import Decoder
 from .precision import autocast, weights_in
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,11 @@ class Merged:
 @contextlib.contextmanager
 def applied(model, adapter_dir) -> Iterator:
     """`model` with a stored adapter merged in for the block (`Merged`), and
-    after it the very same weight tensors as before, bit for bit."""
+    after it the very same weight tensors as before, bit for bit. A decoding
+    engine (`Decoder`) gets the adapter as a request option instead."""
+    if isinstance(model, Decoder):
+        yield model.with_adapter(adapter_dir)
+        return
     merged = Merged(PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False))
     try:
         yield model

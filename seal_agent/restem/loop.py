@@ -183,8 +183,12 @@ class Settings:
 
 def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout_contexts: list[Any],
             settings: Settings, current_adapter: Path | None, work_dir: Path, *,
-            should_stop: Callable[[], bool] = lambda: False, progress: Progress = no_progress) -> Round:
-    """One ReSTEM round on `model` (a scratch copy: updates are put on and taken off it)."""
+            should_stop: Callable[[], bool] = lambda: False, progress: Progress = no_progress,
+            sampler=None) -> Round:
+    """One ReSTEM round on `model` (a scratch copy: updates are put on and taken off it).
+    `sampler`: what writes the self-edits (a decoding engine on `model`'s weights,
+    engine.generate); `model` itself when None. Rewards are always trained and scored on `model`."""
+    sampler = model if sampler is None else sampler
     cfg = settings.restem
     t_start = time.perf_counter()
     rnd = Round(contexts=[{"id": c.id, "title": c.title} for c in train_contexts],
@@ -194,7 +198,7 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
         raise ValueError("a held-out context is also a training context")
     before = _scores_before(domain, model)
 
-    pairs = _winning_pairs(rnd, domain, model, train_contexts, settings, current_adapter, before,
+    pairs = _winning_pairs(rnd, domain, model, sampler, train_contexts, settings, current_adapter, before,
                            should_stop, progress)
     rnd.proxy_agreement = _agreement(rnd.rewards)
     if not pairs:
@@ -209,8 +213,8 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
             rnd.candidate, rnd.sft = _sft(model, tokenizer, pairs, settings, current_adapter, work_dir)
         with rnd.stage("heldout"):
             progress("heldout", {"contexts": len(heldout_contexts)})
-            old = _heldout_gains(domain, model, heldout_contexts, current_adapter, before, settings)
-            new = _heldout_gains(domain, model, heldout_contexts, rnd.candidate, before, settings)
+            old = _heldout_gains(domain, model, sampler, heldout_contexts, current_adapter, before, settings)
+            new = _heldout_gains(domain, model, sampler, heldout_contexts, rnd.candidate, before, settings)
         rnd.heldout = {"contexts": [c.id for c in heldout_contexts],
                        "before": [round(before(c), 4) for c in heldout_contexts], "old": round(_mean(old), 4),
                        "new": round(_mean(new), 4), "old_gains": old, "new_gains": new,
@@ -232,7 +236,7 @@ def _scores_before(domain: Domain, model) -> Callable[[Any], float]:
     return before
 
 
-def _winning_pairs(rnd: Round, domain: Domain, model, contexts: list[Any], settings: Settings,
+def _winning_pairs(rnd: Round, domain: Domain, model, sampler, contexts: list[Any], settings: Settings,
                    current_adapter: Path | None, before: Callable[[Any], float], should_stop: Callable[[], bool],
                    progress: Progress) -> list[Example]:
     """Per training context, until `should_stop`: the winning self-edit (best-of-k) as a
@@ -244,7 +248,8 @@ def _winning_pairs(rnd: Round, domain: Domain, model, contexts: list[Any], setti
             rnd.contexts = rnd.contexts[:ci]
             break
         progress("context", {"index": ci, "total": len(contexts), "title": ctx.title})
-        completions, rows = _sample_and_reward(rnd, domain, model, ctx, ci, settings, current_adapter, before)
+        completions, rows = _sample_and_reward(rnd, domain, model, sampler, ctx, ci, settings, current_adapter,
+                                               before)
         best = best_of_k(rows, settings.restem.min_reward)
         if best is not None:
             rnd.winners.append({"context": ctx.id, "sample": best["sample"], "reward": best["reward"]})
@@ -253,11 +258,11 @@ def _winning_pairs(rnd: Round, domain: Domain, model, contexts: list[Any], setti
     return pairs
 
 
-def _sample_and_reward(rnd: Round, domain: Domain, model, ctx, ci: int, settings: Settings,
+def _sample_and_reward(rnd: Round, domain: Domain, model, sampler, ctx, ci: int, settings: Settings,
                        current_adapter: Path | None, before: Callable[[Any], float],
                        ) -> tuple[list[str], list[dict[str, Any]]]:
     """k self-edits for the `ci`-th context, written with the current policy, and their rewards."""
-    with rnd.stage("sample"), policy_adapter(model, current_adapter) as writer:
+    with rnd.stage("sample"), policy_adapter(sampler, current_adapter) as writer:
         completions = domain.sample(writer, ctx, settings.restem.samples, settings.seed * 7919 + ci)
     for si, completion in enumerate(completions):
         rnd.samples.append({"context": ctx.id, "sample": si, **domain.describe(ctx, completion)})
@@ -297,14 +302,14 @@ def _reward(domain: Domain, model, ctx, si: int, completion: str, before: Callab
     return row
 
 
-def _heldout_gains(domain: Domain, model, contexts: list[Any], adapter: Path | None,
+def _heldout_gains(domain: Domain, model, sampler, contexts: list[Any], adapter: Path | None,
                    before: Callable[[Any], float], settings: Settings) -> list[float]:
     """Per held-out context: the gain of one self-edit written with `adapter`
     (same sampling seed for every policy compared, so the comparison is paired)."""
     gains = []
     for hi, ctx in enumerate(contexts):
         b = before(ctx)  # on `model` itself: inside apply() it would carry the update
-        with policy_adapter(model, adapter) as writer:
+        with policy_adapter(sampler, adapter) as writer:
             [completion] = domain.sample(writer, ctx, 1, settings.seed * 104729 + hi)
         update = domain.parse(ctx, completion)
         with domain.apply(model, update, settings.seed) as candidate:

@@ -46,6 +46,7 @@ class RoundDeps:
     tokenizer: Any
     knowledge_version: int  # the version `model` holds
     bank: ReplayBank | None  # None: replay is off, the contexts come from files only
+    sampler: Any = None  # what writes the candidates: a vLLM view on the live weights, or None (`model`)
 
 
 def round_config(base: RestemConfig, *, contexts: int | None, samples: int | None,
@@ -89,7 +90,8 @@ def run_round(deps: RoundDeps, rcfg: RestemConfig, *, data: list[Path], should_s
     work = Path(tempfile.mkdtemp(prefix=f".restem-{round_id}-", dir=cfg.state_dir))
     try:
         rnd = restem.refresh(domain, scratch, deps.tokenizer, train_ctx, heldout_ctx, settings,
-                             versions.adapter_dir(parent), work, should_stop=should_stop, progress=progress)
+                             versions.adapter_dir(parent), work, should_stop=should_stop, progress=progress,
+                             sampler=deps.sampler)
         record = {"round": round_id, "policy": policy, "started_at": started,
                   "knowledge_version": deps.knowledge_version, "parent_policy_version": parent,
                   "reward_kind": rcfg.reward, "samples_per_context": rcfg.samples, "seeds": rcfg.seeds,

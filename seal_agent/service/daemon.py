@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent import SealAgent
-from ..config import ApiConfig, Config, _resolve
+from ..config import ApiConfig, Config, _resolve, engine_for
 from ..documents import shown
 from ..errors import ConfigError, DocumentError, SealError
 from ..memory.knowledge import routed_modules
@@ -132,7 +132,7 @@ class Daemon:
             if pruned:
                 log.info("removed %d queue copies no job needs (left by a stop)", pruned)
             live = self.agent.live
-            self.served = Served.from_config(self.cfg, copy.deepcopy(live.model), live.tokenizer, live.version,
+            self.served = Served.from_config(self.cfg, self._serving_weights(), live.tokenizer, live.version,
                                              knowledge=self.agent.knowledge)
             self.agent.bank  # noqa: B018 - load the embedder now, not during the first job
             self.inbox = Inbox(self.inbox_dir, self.cfg.inbox, self.take)
@@ -162,6 +162,8 @@ class Daemon:
                 log.warning("job %s still learning at exit: it will be retried at the next start",
                             self.current_job)
                 self._release(self.current_job)
+        if self.served is not None:
+            self.served.close()
         if self.agent is not None and (self._worker is None or not self._worker.is_alive()):
             self.agent.close()
         self.lock.release()
@@ -411,9 +413,16 @@ class Daemon:
                 state = self.agent.state
                 same_weights = state.weights_lineage(live.version)[-1] == state.weights_lineage(served_version)[-1]
                 # a new module changes the routing table only: the served weights stay
-                self.served.swap(model if same_weights else copy.deepcopy(live.model), live.version)
+                self.served.swap(model if same_weights else self._serving_weights(), live.version)
         except Exception:  # the job is learned whatever happens here
             log.exception("the API could not switch to version %d; it serves the previous one", live.version)
+
+    def _serving_weights(self):
+        """What the API answers with: its own copy of the live weights (torch), or the
+        agent's vLLM engine on them (engine.serve = "vllm"; the learner's batches join it)."""
+        if engine_for(self.cfg, "serve") == "vllm":
+            return self.agent.vllm()
+        return copy.deepcopy(self.agent.live.model)
 
     # -- what the API reads ------------------------------------------------------
     @property

@@ -9,7 +9,14 @@ update trains and never come from a half-trained model. With knowledge modules
 its prompt) through the served version's routing table, as `ask` does, and
 answers with the module merged in; the module stays merged until a request
 needs another one or none (most requests in a row are about one document), and
-merging and restoring give the very same weights each time (`Merged`). The API gets a
+merging and restoring give the very same weights each time (`Merged`).
+
+With vLLM serving (`engine.serve = "vllm"`) the model slot holds a `VllmEngine`
+on the live weights instead: requests are not taken one at a time but handed
+to the engine as they come (continuous batching), each with its module as a
+per-request LoRA adapter, so rows about different documents share a batch. A
+version with new weights swaps in a new engine; requests already running
+finish on the old one, which shuts down once they have. The API gets a
 backend, never the daemon (as vLLM's OpenAI server hands its routers a
 handler, not the engine); errors here say what to change, not an HTTP status.
 """
@@ -24,6 +31,7 @@ import torch
 from jinja2 import TemplateError
 
 from ..config import ApiConfig, Config
+from ..engine.vllm import VllmEngine
 from ..errors import SealError
 from ..memory.knowledge import Knowledge
 from ..memory.modules import Route
@@ -49,8 +57,11 @@ class NotServed(SealError):
 
 def _context(model, tokenizer) -> int | None:
     """Tokens the model attends to, prompt and completion together: its position
-    table, or its tokenizer's limit where smaller (a tokenizer without one says 1e30)."""
-    limits = (getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
+    table (an engine's max_model_len), or its tokenizer's limit where smaller (a
+    tokenizer without one says 1e30)."""
+    table = model.max_model_len if isinstance(model, VllmEngine) else \
+        getattr(model.config, "max_position_embeddings", None)
+    limits = (table, getattr(tokenizer, "model_max_length", None))
     return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=None)
 
 
@@ -64,6 +75,8 @@ class Served:
         self.dtype = dtype  # matmul dtype of its answers (model.answer_dtype)
         self.knowledge = knowledge  # None: nothing is routed
         self.context = _context(model, tokenizer)
+        if isinstance(model, VllmEngine):
+            model.hold()  # up until this server swaps it out or closes
         self._swap = threading.Lock()
         self._generate = threading.Lock()  # one generation at a time: two would fight for the cores
         self._merged: tuple[object, int, Merged] | None = None  # (model, module, its merge) while merged
@@ -76,9 +89,26 @@ class Served:
 
     def swap(self, model, version: int) -> None:
         """Serve `version` from now on: `model` holds its weights (the same object
-        when only the routing table changed)."""
+        when only the routing table changed). An engine swapped out finishes the
+        requests it has; modules no longer routed leave a vLLM engine."""
+        if isinstance(model, VllmEngine) and model is not self.model:
+            model.hold()
         with self._swap:
+            old, old_version = self.model, self.version
             self.model, self.version = model, version
+        if isinstance(old, VllmEngine):
+            if old is not model:
+                old.retire()
+            elif self.knowledge is not None:
+                for module in self.knowledge.dropped(old_version, version):
+                    model.unload(self.knowledge.store.path(module))
+
+    def close(self) -> None:
+        """Let go of a vLLM engine (it shuts down once no one else holds it)."""
+        with self._swap:
+            model = self.model
+        if isinstance(model, VllmEngine):
+            model.retire()
 
     def current(self):
         with self._swap:
@@ -137,9 +167,15 @@ class Served:
                              "give some text", "prompt")
         return start, 1
 
+    def _adapter(self, route: Route):
+        module = self._module(route)
+        return None if module is None else self.knowledge.store.path(module)
+
     def complete(self, prompt: str, sampling: Sampling, n: int = 1, seed: int | None = None,
                  route: Route = NO_ROUTE) -> list[Completion]:
         model, _version = self.current()
+        if isinstance(model, VllmEngine):  # batched by the engine with whatever else is running
+            return model.complete([prompt] * n, sampling, adapter=self._adapter(route), seed=seed)
         with self._generate:
             self._apply(model, self._module(route))
             return complete(model, self.tokenizer, [prompt] * n, sampling, seed=seed, compute_dtype=self.dtype,
@@ -147,6 +183,8 @@ class Served:
 
     def stream(self, prompt: str, sampling: Sampling, seed: int | None = None, route: Route = NO_ROUTE) -> TextStream:
         model, _version = self.current()
+        if isinstance(model, VllmEngine):
+            return model.stream(prompt, sampling, adapter=self._adapter(route), seed=seed)
         return TextStream(model, self.tokenizer, prompt, sampling, lock=_Applying(self, model, self._module(route)),
                           compute_dtype=self.dtype, seed=seed)
 
