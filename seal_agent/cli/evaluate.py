@@ -239,20 +239,34 @@ def _print_matrix(result: dict[str, Any], gate: str) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as one JSON object.")
+@click.option("--part", type=click.Choice(["all", "core", "engines"]), default="all", show_default=True,
+              help="core: the inner loop, generation, QA, search, ingest, modules, API latency; "
+                   "engines: the torch engine and vLLM side by side (needs the vllm extra).")
 @global_options
 @click.pass_context
 @handle_errors
-def bench(ctx: click.Context, as_json: bool) -> None:
-    """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest, API latency.
+def bench(ctx: click.Context, as_json: bool, part: str) -> None:
+    """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest, API latency,
+    and the two decoding engines.
 
-    Takes 7-10 minutes on 2 cores. Ratios (speedup, fraction of peak) are
-    measured in the same run, so they hold on a noisy machine.
+    core takes 7-10 minutes on 2 cores, engines about as long. Ratios (speedup,
+    fraction of peak, vLLM over torch) are measured in the same run, so they
+    hold on a noisy machine.
     """
+    from ..evaluation import engines as engines_bench
     from ..evaluation.bench import run_bench, summary
 
     agent = agent_of(ctx)
-    result = run_bench(agent.cfg, agent.policy, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    log = lambda m: err.print(f"[dim]{m}[/dim]")  # noqa: E731
+    result: dict = {}
+    if part in ("all", "core"):
+        result.update(run_bench(agent.cfg, agent.policy, log=log))
+    if part in ("all", "engines"):
+        result.update(engines_bench.engines(agent.cfg, log=log))
     if as_json:
         emit_json(result)
         return
-    out.print(summary(result), highlight=False)
+    if part in ("all", "core"):
+        out.print(summary(result), highlight=False)
+    if part in ("all", "engines"):
+        out.print(engines_bench.summary(result), highlight=False)

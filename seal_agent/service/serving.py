@@ -104,11 +104,17 @@ class Served:
                     model.unload(self.knowledge.store.path(module))
 
     def close(self) -> None:
-        """Let go of a vLLM engine (it shuts down once no one else holds it)."""
+        """Let go of a vLLM engine (it shuts down once no one else holds it), or take
+        off the torch model the module left merged in."""
         with self._swap:
             model = self.model
         if isinstance(model, VllmEngine):
             model.retire()
+            return
+        with self._generate:  # the torch engine: the module left merged in comes off
+            if self._merged is not None:
+                merge, self._merged = self._merged[2], None
+                merge.discard()
 
     def current(self):
         with self._swap:
