@@ -82,7 +82,7 @@ class EngineConfig:
     dtype: str = "float32"
     # vLLM's LoRA slots: the highest module rank it accepts (lora.r must fit), how
     # many different modules one batch may mix, how many it keeps loaded.
-    max_lora_rank: int = 64
+    max_lora_rank: int = 32
     max_loras: int = 16
     max_cpu_loras: int = 64
     # KV cache reserved by vLLM, GiB (on a CPU it is ordinary memory).

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import pytest
+
 from seal_agent.agent import policy_dir
 from seal_agent.evaluation.bench import bench_examples, gemm_gflops, replay_search, run_bench, summary
 from seal_agent.policy import load_active_policy
@@ -63,3 +65,31 @@ def test_replay_search_and_gemm_measure_something():
     # queries that would take longer than query_seconds: fewer, but 20
     assert replay_search((500,), dim=16, k=3, queries=50, query_seconds=0.0)["500"]["queries"] == 20
     assert gemm_gflops(__import__("torch").float32, size=64, reps=2) > 0
+
+
+def test_bench_engines_measures_both_engines_side_by_side(tmp_path, vllm_tiny_dir):
+    from conftest import write_config
+
+    from seal_agent.config import load_config
+    from seal_agent.evaluation.engines import engines
+    from seal_agent.evaluation.engines import summary as engines_summary
+
+    cfg = load_config(write_config(tmp_path / "config.toml", vllm_tiny_dir, tmp_path / "state",
+                                   extra="[engine]\nkv_cache_gib = 0.5\nmax_loras = 4\nmax_cpu_loras = 8\n"))
+    r = engines(cfg, documents=3, rows=(1, 2), clients=(1, 3), requests=2, max_tokens=6, log=lambda m: None)
+    assert set(r["engines"]) == {"torch", "vllm"}
+    for name, figures in r["engines"].items():
+        for key in ("decode", "decode_lora"):
+            assert set(figures[key]) == {"rows_1", "rows_2"} and all(v["tokens"] > 0 for v in figures[key].values())
+        assert set(figures["api"]) == {"clients_1", "clients_3"}
+        for n, v in ((1, figures["api"]["clients_1"]), (3, figures["api"]["clients_3"])):
+            assert v["requests"] == 2 * n and v["p50_s"] <= v["p95_s"]
+            assert v["answered_with_its_module"] == 1.0, name  # 3 clients: 3 modules in use at once
+        assert figures["ingest"]["statuses"] == ["learned", "learned"]
+    t, v = (r["engines"][e]["api"]["clients_3"] for e in ("torch", "vllm"))
+    assert r["api_throughput_ratio_3"] == round(v["requests_per_s"] / t["requests_per_s"], 2)
+    assert r["api_p95_ratio_3"] == round(v["p95_s"] / t["p95_s"], 2)
+    assert r["engines_agree"]["same_answer"] == r["engines_agree"]["same_grade"] == 1.0  # float32: token for token
+    assert "vLLM/torch throughput" in engines_summary(r)
+    with pytest.raises(ValueError, match="clients"):
+        engines(cfg, documents=2, clients=(3,), log=lambda m: None)

@@ -49,7 +49,7 @@ def engine(vllm_tiny_dir, tokenizer):
 def adapters(vllm_tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return {name: random_adapter(vllm_tiny_dir, root / name, r, seed)
-            for name, r, seed in (("a", 16, 1), ("b", 8, 2), ("too-big", 32, 3))}
+            for name, r, seed in (("a", 16, 1), ("b", 8, 2), ("c", 8, 4), ("d", 8, 5), ("too-big", 32, 3))}
 
 
 @pytest.fixture(scope="session")
@@ -72,20 +72,46 @@ def test_greedy_is_the_torch_engines_with_and_without_an_adapter(engine, adapter
 
 def test_one_batch_mixes_adapters_and_each_row_gets_its_own(engine, adapters):
     sampling = Sampling(max_new_tokens=10)
+    names = ("", "a", "b", "c", "d")  # as many adapters as the engine has slots, beside rows with none
     alone = {name: engine.complete(PROMPTS[:2], sampling, adapter=adapters[name] if name else None)
-             for name in ("", "a", "b")}
-    assert len({tuple(c.text for c in v) for v in alone.values()}) == 3
+             for name in names}
+    assert len({tuple(c.text for c in v) for v in alone.values()}) == len(names)
     results: dict[str, list] = {}
 
     def ask(name: str) -> None:
         results[name] = engine.complete(PROMPTS[:2], sampling, adapter=adapters[name] if name else None)
 
-    threads = [threading.Thread(target=ask, args=(name,)) for name in ("", "a", "b") * 2]
+    threads = [threading.Thread(target=ask, args=(name,)) for name in names * 2]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert results == alone
+
+
+def test_the_grouped_cpu_lora_ops_compute_vllms_products_and_nothing_for_rows_without_an_adapter():
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    from seal_agent.engine import cpu_lora
+
+    torch.manual_seed(0)
+    x, a, b = torch.randn(7, 24), torch.randn(3, 1, 4, 24), torch.randn(3, 1, 40, 4)
+    indices = torch.tensor([2, 0, 2, 1, 0, 2, 1])
+    for name, weights, width, extra in (("bgmv_shrink", a, 4, (0.5,)), ("bgmv_expand", b, 40, (True,))):
+        ours, theirs = torch.ones(7, width), torch.ones(7, width)
+        inputs = x if name == "bgmv_shrink" else torch.randn(7, 4)
+        getattr(cpu_lora, name)(inputs, weights, ours, indices, *extra)
+        getattr(lora_ops, name)(inputs, weights, theirs, indices, *extra)
+        assert torch.allclose(ours, theirs, atol=1e-5), name
+    out = torch.ones(7, 40)  # a row with index -1 has no adapter: nothing is added to it
+    y = torch.randn(7, 4)
+    cpu_lora.bgmv_expand(y, b, out, torch.tensor([-1, 0, -1, 1, 2, -1, 0]), True)
+    assert torch.equal(out[[0, 2, 5]], torch.ones(3, 40)) and not torch.equal(out[1], torch.ones(40))
+    seq = torch.tensor([3, 4])  # prefill: per-sequence indices spread over their tokens
+    ours, theirs = torch.zeros(7, 4), torch.zeros(7, 4)
+    cpu_lora.sgmv_shrink(x, a, ours, None, seq, torch.tensor([1, 2]), 2, 4, 7, 1.0)
+    lora_ops.sgmv_shrink(x, a, theirs, None, seq, torch.tensor([1, 2]), 2, 4, 7, 1.0)
+    assert torch.allclose(ours, theirs, atol=1e-5)
 
 
 def test_sampling_is_seeded_per_row(engine):
@@ -128,19 +154,55 @@ def test_a_stream_is_the_completion_in_pieces_and_a_cancel_ends_it(engine, adapt
     assert long.completion.tokens < 400
 
 
-def test_a_replaced_engine_finishes_its_requests_then_shuts_down(vllm_tiny_dir, tokenizer, engine):
-    other = VllmEngine(vllm_tiny_dir, tokenizer, EngineConfig(max_lora_rank=16, max_loras=2, max_cpu_loras=2,
-                                                              kv_cache_gib=0.25, drain_s=30))
-    stream = other.stream("Hello there", Sampling(max_new_tokens=64))
-    pieces = iter(stream)
-    first = next(pieces)  # a request in flight on `other`
-    other.retire()  # its holder lets go (a newer version's engine took over)
-    assert not other._closed
-    rest = list(pieces)  # the request in flight finishes on it
-    assert stream.completion.tokens == 64 and (first + "".join(rest)).strip() == stream.completion.text
-    assert other._closed  # shut down as soon as it had nothing left
-    with pytest.raises(EngineGone):
-        other.complete(["Hello"], Sampling(max_new_tokens=2))
+def test_new_weights_swap_in_a_new_engine_and_the_old_one_finishes_its_requests(tmp_path, vllm_tiny_dir, tokenizer):
+    """A version whose weights changed (here a merge-line update) is saved once as a
+    model directory and served by a new engine; the API's requests already running
+    on the old one finish there, new ones get the new weights, and the old engine
+    shuts down once its last request is done."""
+    from conftest import write_config
+
+    from seal_agent.agent import SealAgent
+    from seal_agent.engine import weights_dir
+    from seal_agent.memory.live import weights_fingerprint
+    from seal_agent.service.serving import Served
+
+    agent = SealAgent(load_config(write_config(tmp_path / "config.toml", vllm_tiny_dir, tmp_path / "state",
+                                               extra="[replay]\nenabled = false\n")))
+    try:
+        note = tmp_path / "note.txt"
+        note.write_text("The Zorblax Prize was founded by Tomas Verhoeven in 1998 in Kalvik.")
+        agent.learn(note)
+        live = agent.live
+        assert live.version == 1 and weights_dir(live, 0) == vllm_tiny_dir
+        saved = weights_dir(live, 1)
+        assert saved != vllm_tiny_dir and weights_dir(live, 1) == saved  # saved once
+        assert weights_fingerprint(AutoModelForCausalLM.from_pretrained(saved)) == agent.state.version(1).fingerprint
+        new = VllmEngine(saved, tokenizer, EngineConfig(max_lora_rank=16, max_loras=2, max_cpu_loras=2,
+                                                        kv_cache_gib=0.25, drain_s=30))
+        old = VllmEngine(vllm_tiny_dir, tokenizer, EngineConfig(max_lora_rank=16, max_loras=2, max_cpu_loras=2,
+                                                                kv_cache_gib=0.25, drain_s=30))
+        served = Served(old, tokenizer, 0)
+        old.retire()  # its starter lets go: the server holds it now
+        sampling = Sampling(max_new_tokens=48)
+        stream = served.stream("Hello there", sampling)
+        pieces = iter(stream)
+        first = next(pieces)  # a request in flight on version 0
+        served.swap(new, 1)
+        new.retire()
+        assert not old._closed
+        [after] = served.complete("Hello there", sampling)  # a new request: version 1's weights
+        assert [after] == complete(live.model, tokenizer, ["Hello there"], sampling)
+        rest = list(pieces)  # the one in flight finishes on version 0
+        assert [stream.completion] == complete(AutoModelForCausalLM.from_pretrained(vllm_tiny_dir), tokenizer,
+                                               ["Hello there"], sampling)
+        assert (first + "".join(rest)).strip() == stream.completion.text != after.text
+        assert old._closed  # shut down as soon as it had nothing left
+        with pytest.raises(EngineGone):
+            old.complete(["Hello"], Sampling(max_new_tokens=2))
+        served.close()
+        assert new._closed
+    finally:
+        agent.close()
 
 
 def test_an_engine_that_cannot_start_says_so_in_one_line_naming_the_fallback(tmp_path, tokenizer):
@@ -216,5 +278,37 @@ def test_the_daemon_serves_and_learns_through_vllm_as_the_torch_engine_does(tmp_
         served = Served.from_config(agent.cfg, live.model, live.tokenizer, live.version, knowledge=agent.knowledge)
         with api_client(ServingOnly(agent.cfg.api, served)) as client:
             assert [chat(q) for q in asked] == answers
+    finally:
+        agent.close()
+
+
+def test_restem_samples_with_vllm_and_the_promoted_policy_adapter_per_request(tmp_path, vllm_tiny_dir):
+    """engine.generate = vllm: a round's candidates are the engine's draws for the
+    round's seeds; a second round samples with the promoted policy adapter as a LoRA."""
+    from test_restem import TRAIN_POOL, restem_config
+
+    from seal_agent.agent import SealAgent
+    from seal_agent.restem.refresh import data_contexts
+
+    pool = tmp_path / "pool.json"
+    pool.write_text(__import__("json").dumps(__import__("json").loads(TRAIN_POOL.read_text())[:12]))
+    cfg = restem_config(tmp_path, vllm_tiny_dir, 'min_reward = -2.0\npromote_margin = -3.0\n'
+                        '[engine]\ngenerate = "vllm"\nkv_cache_gib = 0.5\nmax_loras = 2\nmax_cpu_loras = 4')
+    agent = SealAgent(load_config(cfg))
+    try:
+        first = agent.restem(data=[pool])
+        assert first["decision"] == "promoted" and first["policy_version"] == 1
+        contexts = {c.id: c for c in data_contexts([pool], agent.cfg.restem.max_questions)}
+        engine = agent.vllm()
+        for ci, ctx in enumerate(first["contexts"]):
+            prompt = agent.policy.prompt(agent.live.tokenizer, ctx["title"], contexts[ctx["id"]].text,
+                                         agent.cfg.model.use_chat_template)
+            k = agent.cfg.restem.samples
+            drawn = engine.complete([prompt] * k, agent.policy.sampling,
+                                    seed=(agent.cfg.model.seed + first["round"]) * 7919 + ci)
+            assert [s["text"] for s in first["samples"] if s["context"] == ctx["id"]] == [c.text for c in drawn]
+        second = agent.restem(data=[pool])
+        assert second["parent_policy_version"] == 1 and len(second["samples"]) == 4
+        assert any(lora > 0 for lora in engine.loaded())  # the policy adapter, loaded per request
     finally:
         agent.close()

@@ -14,6 +14,7 @@ PACKAGE = Path(seal_agent.__file__).parent
 LAYERS = [
     {"errors", "config", "progress"},
     {"documents", "model"},
+    {"engine"},
     {"policy"},
     {"qa"},
     {"memory"},

@@ -121,6 +121,7 @@ class VllmEngine:
     async def _start(self, seed: int):
         # vLLM logs every start at length; its warnings and errors still show.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for results (--json)
         # Its engine core is a child process; forked from this one (threads running, torch's
         # OpenMP pool in use) it could hang, so it starts fresh (callers guard `__main__`).
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")

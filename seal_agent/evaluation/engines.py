@@ -10,7 +10,9 @@ serving a module costs the same however long it trained). Then, per engine:
   its own, so that with 16 clients 16 different modules are in use at once;
   requests/s and p50/p95 latency, and whether each answer used its module;
 - ingest: seconds per passage of `learn` on a two-passage document with the
-  default recipe, the self-edits, questions and checks decoded by that engine.
+  default recipe, the self-edits, questions and checks decoded by that engine;
+- and whether the two engines agree: each document's question answered with
+  its module by both, the same answer and the same grade.
 The torch engine is measured first, with vLLM not yet started, so the two
 never share the cores.
 """
@@ -31,6 +33,7 @@ from ..config import Config
 from ..model.generation import Sampling, complete
 from ..model.inner_loop import applied
 from ..model.loader import answer_dtype
+from ..qa.grading import grade
 from .scratch import scratch_config
 
 # Invented festivals: no model knows them, and every one has names of its own to be routed by.
@@ -191,12 +194,20 @@ def engines(cfg: Config, *, documents: int = 16, rows: tuple[int, ...] = (1, 8, 
                     "decode": decode_speed(decoder, live.tokenizer, prompts, rows, max_tokens, dtype, None),
                     "decode_lora": decode_speed(decoder, live.tokenizer, prompts, rows, max_tokens, dtype, adapter),
                 }
+                answers = []  # each document's question, with its module: what a check grades
+                for prompt, module in zip(prompts, modules):
+                    with applied(decoder, agent.modules.path(module)) as with_module:
+                        [c] = complete(with_module, live.tokenizer, [prompt], Sampling(max_new_tokens=max_tokens),
+                                       compute_dtype=dtype)
+                    answers.append(c.text)
+                figures["answers"] = answers
                 log(f"engines: {name}: the API with {clients} concurrent clients ...")
                 served = Served.from_config(agent.cfg, serving, live.tokenizer, live.version,
                                             knowledge=agent.knowledge)
                 try:
                     with api_client(ServingOnly(agent.cfg.api, served)) as client:
-                        api_load(client, agent.cfg, questions, (1,), 1, max_tokens)  # warm-up
+                        # warm-up: every module asked once (vLLM loads an adapter at its first request)
+                        api_load(client, agent.cfg, questions, (len(questions),), 1, max_tokens)
                         figures["api"] = api_load(client, agent.cfg, questions, clients, requests, max_tokens)
                 finally:
                     served.close()
@@ -214,6 +225,16 @@ def engines(cfg: Config, *, documents: int = 16, rows: tuple[int, ...] = (1, 8, 
             for name in ("torch", "vllm"):
                 log(f"engines: {name}: ingest ...")
                 result["engines"][name]["ingest"] = ingest_with(cfg, name, tmp)
+    torch_answers, vllm_answers = (result["engines"][e].pop("answers") for e in ("torch", "vllm"))
+    golds = [it["questions"][0]["answer"] for it in items]
+    result["engines_agree"] = {
+        "questions": documents,
+        "same_answer": round(sum(a == b for a, b in zip(torch_answers, vllm_answers)) / documents, 3),
+        "same_grade": round(sum(grade(a, g, cfg.qa) == grade(b, g, cfg.qa)
+                                for a, b, g in zip(torch_answers, vllm_answers, golds)) / documents, 3),
+        "correct": {"torch": sum(grade(a, g, cfg.qa) for a, g in zip(torch_answers, golds)),
+                    "vllm": sum(grade(b, g, cfg.qa) for b, g in zip(vllm_answers, golds))},
+    }
     top = f"clients_{max(clients)}"
     t, v = result["engines"]["torch"]["api"][top], result["engines"]["vllm"]["api"][top]
     result[f"api_throughput_ratio_{max(clients)}"] = round(v["requests_per_s"] / t["requests_per_s"], 2)
@@ -235,6 +256,10 @@ def summary(result: dict[str, Any]) -> str:
                          f"{v['p50_s']} s, p95 {v['p95_s']} s, its module {v['answered_with_its_module']:.0%}")
         if "ingest" in figures:
             lines.append(f"    ingest {figures['ingest']['seconds_per_passage']} s per passage")
+    agree = result["engines_agree"]
+    lines.append(f"  the {agree['questions']} documents' questions, each with its module: the same answer "
+                 f"{agree['same_answer']:.0%}, the same grade {agree['same_grade']:.0%} (correct: torch "
+                 f"{agree['correct']['torch']}, vLLM {agree['correct']['vllm']})")
     top = max(run["clients"])
     lines.append(f"  with {top} clients: vLLM/torch throughput {result[f'api_throughput_ratio_{top}']}x, "
                  f"p95 {result[f'api_p95_ratio_{top}']}x")
