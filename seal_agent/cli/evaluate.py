@@ -257,7 +257,9 @@ def bench(ctx: click.Context, as_json: bool, part: str) -> None:
     from ..evaluation.bench import run_bench, summary
 
     agent = agent_of(ctx)
-    log = lambda m: err.print(f"[dim]{m}[/dim]")  # noqa: E731
+    def log(m: str) -> None:
+        err.print(f"[dim]{m}[/dim]")
+
     result: dict = {}
     if part in ("all", "core"):
         result.update(run_bench(agent.cfg, agent.policy, log=log))

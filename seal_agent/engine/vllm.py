@@ -144,7 +144,7 @@ class VllmEngine:
         )
         try:
             return AsyncLLM.from_engine_args(args)
-        except Exception as e:  # noqa: BLE001 - any failure to start is the user's to act on
+        except Exception as e:  # any failure to start is the user's to act on
             raise EngineUnavailable(f"vLLM did not start on {self.label}: {_first_line(e)}; {FALLBACK}") from e
 
     # -- the loop thread -----------------------------------------------------------
@@ -208,7 +208,7 @@ class VllmEngine:
             self._closed = True
         try:
             self._run(self._shutdown(), timeout=60)  # on the loop: its output task is cancelled there
-        except Exception:  # noqa: BLE001 - shutting down what may already be dead
+        except Exception:  # shutting down what may already be dead
             log.exception("vLLM engine on %s did not shut down cleanly", self.label)
         self._stop_loop()
 
@@ -237,7 +237,7 @@ class VllmEngine:
         check_adapter(adapter_dir, self.cfg)
         try:
             self._run(self._llm.add_lora(self.lora(adapter_dir)))
-        except Exception as e:  # noqa: BLE001 - vLLM's own reason, passed on
+        except Exception as e:  # vLLM's own reason, passed on
             raise AdapterRefused(f"vLLM cannot load the adapter {adapter_dir}: {_first_line(e)}") from e
 
     def unload(self, adapter_dir: Path) -> None:

@@ -140,7 +140,7 @@ def run_continual(cfg: Config, passages: list[Passage], *, gate: bool, state_dir
             """Accuracy per passage, and per question whether the router picked its
             passage's module as nearest (recall@1) and applied it (above the threshold)."""
             flat = [q for qs in questions[:upto] for q in qs]
-            scored, routes = agent.knowledge.evaluate(live.model, live.tokenizer, live.version, flat)
+            scored, routes = agent.knowledge.evaluate(agent.decoder("generate"), live.tokenizer, live.version, flat)
             out, nearest, applied, i = [], [], [], 0
             for j, qs in enumerate(questions[:upto]):
                 out.append(qa_mod.accuracy(scored[i:i + len(qs)]))
@@ -208,14 +208,15 @@ def _mean(row: list[float | None]) -> float | None:
 
 
 def ask_one(agent, live, questions: list[qa_mod.Question]) -> float | None:
-    scored, _ = agent.knowledge.evaluate(live.model, live.tokenizer, live.version, questions)
+    scored, _ = agent.knowledge.evaluate(agent.decoder("generate"), live.tokenizer, live.version, questions)
     return qa_mod.accuracy(scored)
 
 
 def _slow_alone(agent, live, questions: list[list[qa_mod.Question]]) -> list[float | None]:
     """Accuracy per passage from the weights alone, no module applied (the slow memory)."""
     flat = [q for qs in questions for q in qs]
-    scored = qa_mod.evaluate(live.model, live.tokenizer, flat, agent.cfg.qa, use_chat=agent.cfg.model.use_chat_template,
+    scored = qa_mod.evaluate(agent.decoder("generate"), live.tokenizer, flat, agent.cfg.qa,
+                             use_chat=agent.cfg.model.use_chat_template,
                              compute_dtype=answer_dtype(agent.cfg))
     out, i = [], 0
     for qs in questions:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +72,12 @@ def decode_speed(decoder, tokenizer, prompts: list[str], rows: tuple[int, ...], 
     sampling = Sampling(max_new_tokens=max_tokens)
     for n in rows:
         batch = [prompts[i % len(prompts)] for i in range(n)]
-
-        def run(model):
-            return complete(model, tokenizer, batch, sampling, compute_dtype=dtype, batch_size=n)
-
         t0 = time.perf_counter()
         if adapter is None:
-            done = run(decoder)
+            done = complete(decoder, tokenizer, batch, sampling, compute_dtype=dtype, batch_size=n)
         else:
             with applied(decoder, adapter) as with_module:
-                done = run(with_module)
+                done = complete(with_module, tokenizer, batch, sampling, compute_dtype=dtype, batch_size=n)
         seconds = time.perf_counter() - t0
         tokens = sum(c.tokens for c in done)
         out[f"rows_{n}"] = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
@@ -92,37 +88,23 @@ def api_load(client, cfg: Config, questions: list[tuple[str, int]], clients: tup
              max_tokens: int) -> dict[str, Any]:
     """Per client count: each client a loop of `requests` requests about its own
     document (client i asks question i), all at once; requests/s over the wall time."""
+    def loop(i: int) -> list[tuple[float, bool]]:
+        question, module = questions[i % len(questions)]
+        timed = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            r = client.chat.completions.create(model=cfg.api.model_name, max_tokens=max_tokens, temperature=0,
+                                               messages=[{"role": "user", "content": question}])
+            timed.append((time.perf_counter() - t0, [m["module"] for m in r.model_extra["seal_modules"]] == [module]))
+        return timed
+
     out = {}
     for n in clients:
-        lat: list[float] = []
-        right: list[bool] = []
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-
-        def loop(i: int) -> None:
-            question, module = questions[i % len(questions)]
-            try:
-                for _ in range(requests):
-                    t0 = time.perf_counter()
-                    r = client.chat.completions.create(model=cfg.api.model_name, max_tokens=max_tokens,
-                                                       temperature=0,
-                                                       messages=[{"role": "user", "content": question}])
-                    seconds = time.perf_counter() - t0
-                    with lock:
-                        lat.append(seconds)
-                        right.append([m["module"] for m in r.model_extra["seal_modules"]] == [module])
-            except BaseException as e:  # noqa: BLE001 - reported below, after every client has stopped
-                errors.append(e)
-
-        threads = [threading.Thread(target=loop, args=(i,)) for i in range(n)]
         t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with ThreadPoolExecutor(n) as pool:  # a client's error is raised here, once all have stopped
+            timed = [x for per_client in pool.map(loop, range(n)) for x in per_client]
         wall = time.perf_counter() - t0
-        if errors:
-            raise errors[0]
+        lat, right = [t for t, _ in timed], [ok for _, ok in timed]
         out[f"clients_{n}"] = {"requests": len(lat), "seconds": round(wall, 2),
                                "requests_per_s": round(len(lat) / wall, 2), **_latencies(lat),
                                "answered_with_its_module": round(sum(right) / len(right), 3)}
@@ -140,7 +122,7 @@ def ingest_with(cfg: Config, engine: str, tmp: Path) -> dict[str, Any]:
     agent = SealAgent(scratch_config(cfg, tmp / f"ingest-{engine}", split={"max_tokens": 160},
                                      memory={"mode": "modules"}, engine={"generate": engine, "serve": engine}))
     try:
-        agent.live
+        agent.live  # noqa: B018 - the model loads outside the timed part
         if engine == "vllm":
             agent.vllm()
         t0 = time.perf_counter()
@@ -244,8 +226,9 @@ def engines(cfg: Config, *, documents: int = 16, rows: tuple[int, ...] = (1, 8, 
 
 def summary(result: dict[str, Any]) -> str:
     run = result["engines_run"]
-    lines = [f"engines ({run['documents']} modules, {run['max_tokens']} tokens per answer; vLLM started in "
-             f"{run['vllm_start_seconds']} s):"]
+    head = (f"engines ({run['documents']} modules, {run['max_tokens']} tokens per answer; vLLM started in "
+            f"{run['vllm_start_seconds']} s):")
+    lines = [head]
     for name, figures in result["engines"].items():
         lines.append(f"  {name}:")
         for key, label in (("decode", "decode"), ("decode_lora", "decode + module")):
