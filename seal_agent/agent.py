@@ -145,9 +145,8 @@ class SealAgent:
             return self._vllm
 
     def decoder(self, job: str):
-        """What decodes for `job` ("serve": ask and the API; "generate": writing and
-        the answers checks and evaluations score): the live model (torch) or a view
-        of the vLLM engine on the same weights."""
+        """What decodes for `job` (config.JOBS): the live model (torch) or a view of
+        the vLLM engine on the same weights."""
         return self.vllm().view() if engine_for(self.cfg, job) == "vllm" else self.live.model
 
     def _generating_engine(self):
@@ -182,7 +181,7 @@ class SealAgent:
     def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
         """The live version's answer, and the modules it was answered with (and why)."""
         live = self.live
-        [a] = self.knowledge.answer(self.decoder("serve"), live.tokenizer, live.version, [Question(question, "")],
+        [a] = self.knowledge.answer(self.decoder("ask"), live.tokenizer, live.version, [Question(question, "")],
                                     max_new_tokens=max_new_tokens)
         return {"question": question, "answer": a.text, "version": live.version,
                 "modules": self.knowledge.used(a.route)}

@@ -66,16 +66,20 @@ class ModelConfig:
     seed: int = 0
     # What decodes: "torch" (our own loop over the transformers model) or "vllm"
     # (the `.[vllm]` extra: continuous batching, LoRA modules as per-request
-    # adapters). [engine] serve / generate choose per job.
+    # adapters), for every job whose [engine] key is "" (the daemon's API is "vllm").
     engine: str = "torch"
 
 
 @dataclass
 class EngineConfig:
-    # The engine per job; "" = model.engine. serve: the API and `ask`;
-    # generate: self-edits, model-written questions, ReSTEM's samples and the
-    # answers the learner's checks and evaluations score.
-    serve: str = ""
+    # The engine per job; "" = model.engine. serve: the daemon's API (vLLM:
+    # several times the torch engine's throughput with concurrent clients, and
+    # no slower for one: BENCHMARKS.md); ask: `seal-agent ask`, a process of its
+    # own whose time goes into starting an engine; generate: self-edits,
+    # model-written questions, ReSTEM's samples and the answers the learner's
+    # checks, `replay check` and `eval continual` score (torch: faster ingest).
+    serve: str = "vllm"
+    ask: str = ""
     generate: str = ""
     # vLLM's dtype. float32 decodes the same greedy tokens as the torch engine's
     # float32 answers (tests/test_engine.py), so what a check scored is what is served.
@@ -420,6 +424,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("eager", "sdpa"),
     "model.engine": ("torch", "vllm"),
     "engine.serve": ("", "torch", "vllm"),
+    "engine.ask": ("", "torch", "vllm"),
     "engine.generate": ("", "torch", "vllm"),
     "engine.dtype": ("float32", "bfloat16"),
     "train.loss_on": ("all", "completion"),
@@ -612,22 +617,21 @@ def _check_together(cfg: Config) -> None:
     if cfg.api.default_max_tokens > cfg.api.max_tokens:
         raise ConfigError(f"api.default_max_tokens ({cfg.api.default_max_tokens}) is over api.max_tokens "
                           f"({cfg.api.max_tokens}): every request without max_tokens would be refused")
-    if "vllm" in (engine_for(cfg, "serve"), engine_for(cfg, "generate")):
-        for key, r in (("lora.r", cfg.lora.r), ("restem.lora_r", cfg.restem.lora_r)):
-            if r > cfg.engine.max_lora_rank:
-                raise ConfigError(f"{key} ({r}) is over engine.max_lora_rank ({cfg.engine.max_lora_rank}): vLLM "
-                                  'could not load those adapters; raise engine.max_lora_rank or set model.engine = '
-                                  '"torch"')
-        if cfg.engine.max_cpu_loras < cfg.engine.max_loras:
-            raise ConfigError(f"engine.max_cpu_loras ({cfg.engine.max_cpu_loras}) is under engine.max_loras "
-                              f"({cfg.engine.max_loras})")
+    if cfg.engine.max_cpu_loras < cfg.engine.max_loras:
+        raise ConfigError(f"engine.max_cpu_loras ({cfg.engine.max_cpu_loras}) is under engine.max_loras "
+                          f"({cfg.engine.max_loras})")
     if cfg.split.min_tokens > cfg.split.max_tokens:
         raise ConfigError(f"split.min_tokens ({cfg.split.min_tokens}) is over split.max_tokens "
                           f"({cfg.split.max_tokens})")
 
 
+JOBS = ("serve", "ask", "generate")
+
+
 def engine_for(cfg: Config, job: str) -> str:
-    """The engine of a job ("serve" or "generate"): its [engine] key, else model.engine."""
+    """The engine of a job (one of JOBS): its [engine] key, else model.engine."""
+    if job not in JOBS:
+        raise ValueError(f"no engine job {job!r}")
     return getattr(cfg.engine, job) or cfg.model.engine
 
 

@@ -106,10 +106,13 @@ restem = ""
 """
 
 
-def write_config(path: Path, model_base: str | Path, state_dir: Path, extra: str = "", mode: str = "merge") -> Path:
+def write_config(path: Path, model_base: str | Path, state_dir: Path, extra: str = "", mode: str = "merge",
+                 engine: str = 'serve = "torch"') -> Path:
     """A config.toml for tests: tiny model, small budgets, the project's policies.
     `mode`: memory.mode; the tests written for the merge line and its gate pin it,
-    those of the knowledge modules (test_modules.py) ask for "modules"."""
+    those of the knowledge modules (test_modules.py) ask for "modules".
+    `engine`: the [engine] section; the torch engine serves, as vLLM takes no
+    tiny model with heads of 16 (tests/test_engine.py runs vLLM on one of its own)."""
     path.write_text(
         f"""
 [paths]
@@ -133,6 +136,9 @@ compile = false  # compiling costs more than these tiny updates; test_inner_loop
 
 [qa]
 max_new_tokens = 8
+
+[engine]
+{engine}
 {extra}
 """,
         encoding="utf-8",

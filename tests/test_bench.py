@@ -75,7 +75,7 @@ def test_bench_engines_measures_both_engines_side_by_side(tmp_path, vllm_tiny_di
     from seal_agent.evaluation.engines import summary as engines_summary
 
     cfg = load_config(write_config(tmp_path / "config.toml", vllm_tiny_dir, tmp_path / "state",
-                                   extra="[engine]\nkv_cache_gib = 0.5\nmax_loras = 4\nmax_cpu_loras = 8\n"))
+                                   engine="kv_cache_gib = 0.5\nmax_loras = 4\nmax_cpu_loras = 8\n"))
     r = engines(cfg, documents=3, rows=(1, 2), clients=(1, 3), requests=2, max_tokens=6, log=lambda m: None)
     assert set(r["engines"]) == {"torch", "vllm"}
     for name, figures in r["engines"].items():

@@ -19,6 +19,9 @@ from seal_agent.errors import ConfigError
 from seal_agent.model.generation import Sampling, complete
 from seal_agent.model.inner_loop import applied
 
+# vLLM's settings for a tiny model beside the rest of the suite: little memory, few slots.
+VLLM = "kv_cache_gib = 0.5\nmax_loras = 4\nmax_cpu_loras = 8\n"
+
 PROMPTS = ["The capital of France is", "Hello there", "x", "Who led the Normans? Answer:"]
 
 
@@ -212,17 +215,22 @@ def test_an_engine_that_cannot_start_says_so_in_one_line_naming_the_fallback(tmp
     with pytest.raises(EngineUnavailable) as e:
         VllmEngine(bad, tokenizer, EngineConfig())
     message = str(e.value)
-    assert "\n" not in message and 'model.engine = "torch"' in message and "not-a-model" in message
+    assert "\n" not in message and 'model.engine = "torch"' in message and "engine.serve" in message
+    assert "not-a-model" in message
 
 
-def test_vllm_config_is_checked_before_anything_starts(tmp_path):
+def test_adapter_ranks_are_checked_before_vllm_starts(tmp_path):
+    from seal_agent.engine import check_ranks
+
     with pytest.raises(ConfigError, match="lora.r .* over engine.max_lora_rank"):
-        load_config(overrides=['model.engine="vllm"', "lora.r=128"], state_dir=tmp_path)
+        check_ranks(load_config(overrides=["lora.r=64"], state_dir=tmp_path))
     with pytest.raises(ConfigError, match="restem.lora_r"):
-        load_config(overrides=['engine.generate="vllm"', "restem.lora_r=80"], state_dir=tmp_path)
-    load_config(overrides=["lora.r=128"], state_dir=tmp_path)  # the torch engine has no such limit
+        check_ranks(load_config(overrides=["restem.lora_r=80"], state_dir=tmp_path))
+    check_ranks(load_config(overrides=["lora.r=64", "engine.max_lora_rank=64"], state_dir=tmp_path))
     with pytest.raises(ConfigError, match="model.engine"):
         load_config(overrides=['model.engine="tensorrt"'], state_dir=tmp_path)
+    with pytest.raises(ConfigError, match="engine.max_cpu_loras"):
+        load_config(overrides=["engine.max_loras=8", "engine.max_cpu_loras=4"], state_dir=tmp_path)
 
 
 def test_the_daemon_serves_and_learns_through_vllm_as_the_torch_engine_does(tmp_path, vllm_tiny_dir):
@@ -238,9 +246,8 @@ def test_the_daemon_serves_and_learns_through_vllm_as_the_torch_engine_does(tmp_
 
     from seal_agent.agent import SealAgent
 
-    engine = '\n[engine]\nserve = "vllm"\ngenerate = "vllm"\nkv_cache_gib = 0.5\nmax_loras = 4\nmax_cpu_loras = 8\n'
-    config = write_config(tmp_path / "config.toml", vllm_tiny_dir, tmp_path / "state", DAEMON_SECTIONS + engine,
-                          mode="modules")
+    config = write_config(tmp_path / "config.toml", vllm_tiny_dir, tmp_path / "state", DAEMON_SECTIONS,
+                          mode="modules", engine=VLLM + 'serve = "vllm"\ngenerate = "vllm"')
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     asked = [f"Topic: {ITEMS[0]['title']}\n{q['question']}" for q in ITEMS[0]["questions"][:3]] + [UNRELATED]
@@ -292,8 +299,8 @@ def test_restem_samples_with_vllm_and_the_promoted_policy_adapter_per_request(tm
 
     pool = tmp_path / "pool.json"
     pool.write_text(__import__("json").dumps(__import__("json").loads(TRAIN_POOL.read_text())[:12]))
-    cfg = restem_config(tmp_path, vllm_tiny_dir, 'min_reward = -2.0\npromote_margin = -3.0\n'
-                        '[engine]\ngenerate = "vllm"\nkv_cache_gib = 0.5\nmax_loras = 2\nmax_cpu_loras = 4')
+    cfg = restem_config(tmp_path, vllm_tiny_dir, 'min_reward = -2.0\npromote_margin = -3.0',
+                        engine=VLLM + 'serve = "torch"\ngenerate = "vllm"')
     agent = SealAgent(load_config(cfg))
     try:
         first = agent.restem(data=[pool])

@@ -137,3 +137,30 @@ def test_three_passages_learned_in_sequence_are_each_still_answered_after_the_th
         assert accuracy > base_accuracy, (i, accuracy, base_accuracy, just[i])
         assert accuracy == pytest.approx(just[i]), (i, accuracy, just[i])  # nothing of it was lost
         assert all(r.module == chosen.index(i) + 1 for r in routes), routes
+
+
+def test_smollm2_learns_and_answers_through_vllm_as_through_torch(tmp_path, models_dir):
+    """engine = vllm on the real model: a module learned (its checks answered by
+    vLLM, the module a per-request LoRA) raises its questions' accuracy, and the
+    torch engine, the module merged in, gives the very same answers."""
+    item = json.loads(SQUAD_DEV.read_text())[PASSAGE]
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps([{k: item[k] for k in ("title", "context", "questions", "external_self_edits")}]))
+    cfg = load_config(overrides=[f"paths.models='{models_dir}'", 'engine.generate="vllm"', 'engine.serve="vllm"'],
+                      state_dir=tmp_path / "state")
+    agent = SealAgent(cfg)
+    try:
+        agent.own()
+        report = agent.learner("gpt-4.1").learn_file(path).as_dict()  # the paper's strongest self-edits
+        assert report["learned"] == 1 and report["qa"]["after"] > report["qa"]["before"], report["qa"]
+        from seal_agent.qa.answering import questions_of
+        from seal_agent.documents import QA
+
+        live = agent.live
+        questions = questions_of(item["title"], [QA(q["question"], q["answer"]) for q in item["questions"]])
+        by_vllm, routes = agent.knowledge.evaluate(agent.decoder("serve"), live.tokenizer, live.version, questions)
+        by_torch, _ = agent.knowledge.evaluate(live.model, live.tokenizer, live.version, questions)
+        assert any(r.module is not None for r in routes)
+        assert [s.prediction for s in by_vllm] == [s.prediction for s in by_torch]
+    finally:
+        agent.close()

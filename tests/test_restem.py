@@ -31,8 +31,8 @@ def pool_file(tmp_path) -> Path:
     return path
 
 
-def restem_config(tmp_path, tiny_model_dir, extra: str) -> Path:
-    return write_config(tmp_path / "config.toml", tiny_model_dir, tmp_path / "state", extra=f"""
+def restem_config(tmp_path, tiny_model_dir, extra: str, **kwargs) -> Path:
+    return write_config(tmp_path / "config.toml", tiny_model_dir, tmp_path / "state", **kwargs, extra=f"""
 [restem]
 contexts = 2
 samples = 2

@@ -49,10 +49,22 @@ def weights_dir(live, version: int) -> Path:
     return out
 
 
+def check_ranks(cfg) -> None:
+    """The adapters vLLM will be given must fit its slots: refused before it starts, naming the keys."""
+    from ..errors import ConfigError
+
+    for key, r in (("lora.r", cfg.lora.r), ("restem.lora_r", cfg.restem.lora_r)):
+        if r > cfg.engine.max_lora_rank:
+            raise ConfigError(f"{key} ({r}) is over engine.max_lora_rank ({cfg.engine.max_lora_rank}): vLLM "
+                              "could not load those adapters; raise engine.max_lora_rank, or decode with torch "
+                              '(engine.serve, engine.ask, engine.generate = "torch")')
+
+
 def start_vllm(cfg, live, version: int):
     """A vLLM engine on `version`'s weights (EngineUnavailable, in one line, if it cannot start)."""
     from .vllm import VllmEngine
 
+    check_ranks(cfg)
     path = weights_dir(live, version)
     return VllmEngine(path, live.tokenizer, cfg.engine, seed=cfg.model.seed,
                       label=f"version {weights_version(live.state, version)}'s weights ({path})")

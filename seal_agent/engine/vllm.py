@@ -30,11 +30,12 @@ from pathlib import Path
 
 from ..config import EngineConfig
 from ..errors import SealError
-from ..model.generation import Completion, Decoder, Sampling, first_stop
+from ..model.generation import Completion, Decoder, Sampling, first_stop, until_stop
 
 log = logging.getLogger(__name__)
 
-FALLBACK = 'set model.engine = "torch" (or engine.serve / engine.generate) to decode with torch instead'
+FALLBACK = ('to decode with torch instead, set engine.serve, engine.ask and engine.generate to "torch" '
+            '(or leave them "" and set model.engine = "torch")')
 
 
 class EngineUnavailable(SealError):
@@ -382,22 +383,16 @@ class Stream:
         try:
             future = asyncio.run_coroutine_threadsafe(self._start(), self.engine._loop)
             future.result()
-            emitted = ""
-            while (item := self._pieces.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                text = emitted + item
-                cut = first_stop(text, self.sampling.stop)
-                if cut >= 0:
-                    if cut > len(emitted):
-                        yield text[len(emitted):cut]
-                    break
-                emitted = text
-                if item:
-                    yield item
+            yield from until_stop(self._received(), self.sampling.stop)
         finally:
             self.cancel()
             self.engine._leave()
+
+    def _received(self) -> Iterator[str]:
+        while (item := self._pieces.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     async def _start(self) -> None:
         self._task = asyncio.ensure_future(self._pump())

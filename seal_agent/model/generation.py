@@ -82,6 +82,21 @@ def first_stop(text: str, stop: tuple[str, ...]) -> int:
     return min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
 
 
+def until_stop(pieces: Iterator[str], stop: tuple[str, ...]) -> Iterator[str]:
+    """A stream's pieces of text up to the first stop string (which may span pieces)."""
+    emitted = ""
+    for piece in pieces:
+        text = emitted + piece
+        cut = first_stop(text, stop)
+        if cut >= 0:
+            if cut > len(emitted):
+                yield text[len(emitted) : cut]
+            return
+        emitted = text
+        if piece:
+            yield piece
+
+
 def _truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     cut = first_stop(text, stop)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -460,18 +475,8 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         self._thread.start()
-        emitted = ""
         try:
-            while (piece := self._next_piece()) is not None:
-                text = emitted + piece
-                cut = first_stop(text, self.sampling.stop)
-                if cut >= 0:
-                    if cut > len(emitted):
-                        yield text[len(emitted) : cut]
-                    break
-                emitted = text
-                if piece:
-                    yield piece
+            yield from until_stop(iter(self._next_piece, None), self.sampling.stop)
         finally:
             self._cancel.set()  # a reader gone or a stop string met; once the generation ended, nothing
         self._thread.join()  # at most one more token: it was told to stop
