@@ -153,8 +153,8 @@ def test_smollm2_learns_and_answers_through_vllm_as_through_torch(tmp_path, mode
         agent.own()
         report = agent.learner("gpt-4.1").learn_file(path).as_dict()  # the paper's strongest self-edits
         assert report["learned"] == 1 and report["qa"]["after"] > report["qa"]["before"], report["qa"]
-        from seal_agent.qa.answering import questions_of
         from seal_agent.documents import QA
+        from seal_agent.qa.answering import questions_of
 
         live = agent.live
         questions = questions_of(item["title"], [QA(q["question"], q["answer"]) for q in item["questions"]])

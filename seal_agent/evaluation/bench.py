@@ -228,26 +228,36 @@ def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8
     return out
 
 
+def timed_learn(cfg: Config, doc: Path, state_dir: Path, **sections: dict[str, Any]):
+    """`learn` of `doc` in a scratch state (`sections` changed as `scratch_config` does):
+    its report and seconds. The model, and a vLLM engine where one decodes, start
+    outside the timed part."""
+    from ..agent import SealAgent
+    from ..config import JOBS, engine_for
+
+    agent = SealAgent(scratch_config(cfg, state_dir, **sections))
+    try:
+        agent.live  # noqa: B018 - loaded outside the timed part
+        if any(engine_for(agent.cfg, job) == "vllm" for job in JOBS if job != "serve"):
+            agent.vllm()
+        t0 = time.perf_counter()
+        report = agent.learn(doc)
+        return report, time.perf_counter() - t0
+    finally:
+        agent.close()
+
+
 def ingest(cfg: Config) -> dict[str, Any]:
     """`learn` on a small three-passage document in a scratch state directory, in
     the configured memory: a new passage; a near copy of it about another prize
     (on the merge line its first update tends to overwrite the first passage's
     answers: the forgetting gate's rehearsal retry); an unrelated new passage.
     With modules, the three are one document's module."""
-    from ..agent import SealAgent
-
     with tempfile.TemporaryDirectory() as tmp:
         doc = Path(tmp) / "zorblax.md"
         doc.write_text(f"# {BENCH_TITLE}\n\n{BENCH_PASSAGE}\n\n" + BENCH_PASSAGE.replace("Zorblax", "Quillon")
                        + f"\n\n{BENCH_PASSAGE_2}\n")
-        agent = SealAgent(scratch_config(cfg, Path(tmp) / "state", split={"max_tokens": 160}))
-        try:
-            agent.live  # load the model outside the timed part
-            t0 = time.perf_counter()
-            report = agent.learn(doc)
-            seconds = time.perf_counter() - t0
-        finally:
-            agent.close()
+        report, seconds = timed_learn(cfg, doc, Path(tmp) / "state", split={"max_tokens": 160})
     n = len(report.passages)
     return {"passages": n, "seconds": round(seconds, 1), "seconds_per_passage": round(seconds / n, 1),
             "passage_seconds": [round(p.seconds, 1) for p in report.passages],

@@ -114,22 +114,12 @@ def api_load(client, cfg: Config, questions: list[tuple[str, int]], clients: tup
 def ingest_with(cfg: Config, engine: str, tmp: Path) -> dict[str, Any]:
     """`learn` of a two-passage document in a fresh scratch state, `engine` writing
     and answering (its start is outside the timed part)."""
-    from ..agent import SealAgent
-    from .bench import BENCH_PASSAGE, BENCH_PASSAGE_2, BENCH_TITLE
+    from .bench import BENCH_PASSAGE, BENCH_PASSAGE_2, BENCH_TITLE, timed_learn
 
     doc = tmp / f"ingest-{engine}.md"
     doc.write_text(f"# {BENCH_TITLE}\n\n{BENCH_PASSAGE}\n\n{BENCH_PASSAGE_2}\n")
-    agent = SealAgent(scratch_config(cfg, tmp / f"ingest-{engine}", split={"max_tokens": 160},
-                                     memory={"mode": "modules"}, engine={"generate": engine, "serve": engine}))
-    try:
-        agent.live  # noqa: B018 - the model loads outside the timed part
-        if engine == "vllm":
-            agent.vllm()
-        t0 = time.perf_counter()
-        report = agent.learn(doc)
-        seconds = time.perf_counter() - t0
-    finally:
-        agent.close()
+    report, seconds = timed_learn(cfg, doc, tmp / f"ingest-{engine}", split={"max_tokens": 160},
+                                  memory={"mode": "modules"}, engine={"generate": engine, "serve": engine})
     n = len(report.passages)
     return {"passages": n, "seconds_per_passage": round(seconds / n, 1),
             "stage_seconds": [p.stage_seconds for p in report.passages],
