@@ -40,7 +40,7 @@ def tokenizer(vllm_tiny_dir):
     return AutoTokenizer.from_pretrained(vllm_tiny_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # shut down after this file: the rest of the suite gets the cores and memory back
 def engine(vllm_tiny_dir, tokenizer):
     e = VllmEngine(vllm_tiny_dir, tokenizer, EngineConfig(max_lora_rank=16, max_loras=4, max_cpu_loras=4,
                                                           kv_cache_gib=0.5, drain_s=5))
