@@ -6,7 +6,8 @@ on a cycle):
 
     errors, config,      what every layer may use: user-facing errors, typed config,
     progress             the progress callback long jobs report through
-    documents, model/    files -> passages; transformers/peft mechanics
+    documents, model/,   files -> passages; transformers/peft mechanics;
+    arc/                 ARC grids, augmentations and recipes (pure)
     engine/              what decodes: the torch model itself, or vLLM serving the same weights
     policy               policy files -> prompts and training examples
     qa/                  asking questions, grading answers, writing questions

@@ -13,7 +13,7 @@ PACKAGE = Path(seal_agent.__file__).parent
 # Lowest first. A module may import its own layer and those listed before it.
 LAYERS = [
     {"errors", "config", "progress"},
-    {"documents", "model"},
+    {"documents", "model", "arc"},
     {"engine"},
     {"policy"},
     {"qa"},
