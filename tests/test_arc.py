@@ -108,3 +108,34 @@ def test_a_recipe_is_parsed_clamped_or_refused_with_its_reason():
                       (GOOD.replace('"training"', '"extra": 1, "training"'), "extra")):
         parsed = recipe.parse(text)
         assert parsed.recipe is None and why in parsed.reason, (text, parsed.reason)
+
+
+def test_test_time_training_on_a_real_task_answers_and_leaves_the_model_as_it_was(tasks, tiny_model_dir, tiny_cfg):
+    import dataclasses
+
+    from seal_agent.arc import ttt
+    from seal_agent.memory.live import weights_fingerprint
+    from seal_agent.model.loader import load_model, load_tokenizer
+
+    task = next(t for t in tasks if t.id == "5582e5ca")  # three 3x3 demonstrations
+    model, tokenizer = load_model(tiny_model_dir, tiny_cfg), load_tokenizer(tiny_model_dir)
+    before = weights_fingerprint(model)
+    basic = recipe.parse(GOOD.replace('"use_repeat_augmentations": true', '"use_repeat_augmentations": false')
+                         .replace('"num_train_epochs": 3', '"num_train_epochs": 1')).recipe
+    seqs = ttt.examples(task, basic, tokenizer, use_chat=True)
+    # each demonstration held out once, plain and under the 6 basic views (none of them repeats another here)
+    assert len(seqs) == len(task.train) * (1 + len(augment.BASIC)) == len(set(seqs))
+    outputs = {encode(p.output) for p in task.train} | {encode(a(p.output)) for p in task.train for a in augment.BASIC}
+    assert {s.completion for s in seqs} <= outputs
+    assert all(encode(g) not in s.text for s in seqs for g in task.solutions)  # the test output is never trained on
+    solved = ttt.solve(model, tokenizer, task, basic, tiny_cfg.lora, tiny_cfg.train, context=2048)
+    assert solved.train["sequences"] == len(seqs) and solved.train["left_out_too_long"] == 0
+    assert solved.train["lr"] == 1e-4 and solved.train["epochs"] == 1 and solved.train["loss_on"] == "completion"
+    assert len(solved.answers) == len(task.test) and len(solved.verdicts) == len(task.test)
+    [verdict] = solved.verdicts
+    assert verdict["correct"] is False and verdict["reason"].split(":")[0] in ("parse", "shape", "cells")
+    assert weights_fingerprint(model) == before
+    short = dataclasses.replace(tiny_cfg.train, max_length=40)
+    assert ttt.solve(model, tokenizer, task, basic, tiny_cfg.lora, short).train["left_out_too_long"] == len(seqs)
+    with pytest.raises(ValueError, match="over the model's 100"):
+        ttt.solve(model, tokenizer, task, basic, tiny_cfg.lora, tiny_cfg.train, context=100)
