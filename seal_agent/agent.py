@@ -295,6 +295,47 @@ class SealAgent:
                          sampler=self.vllm().view() if engine_for(self.cfg, "generate") == "vllm" else None)
         return run_round(deps, rcfg, data=list(data), should_stop=should_stop, progress=progress)
 
+    # -- ARC -----------------------------------------------------------------
+    def solve(self, tasks_path: Path, solutions: Path | None = None, seed: int = 0) -> list[dict[str, Any]]:
+        """ARC tasks: per task, the model writes a recipe (policies/arc-recipe.toml), is
+        test-time trained on the demonstrations as it says, and answers the test
+        inputs (checked where the solutions are known). Nothing is kept: the live
+        weights are exactly as they were afterwards."""
+        import dataclasses
+        import time
+
+        from .arc import ttt
+        from .arc.grids import load_tasks
+        from .arc.writing import load_recipe_policy, write_recipe
+
+        tasks = load_tasks(tasks_path, solutions)
+        policy = load_recipe_policy(policy_dir(self.cfg) / "arc-recipe.toml")
+        live = self.live
+        context = getattr(live.model.config, "max_position_embeddings", None)
+        use_chat = self.cfg.model.use_chat_template
+        out = []
+        for task in tasks:
+            t0 = time.perf_counter()
+            written = write_recipe(self.decoder("generate"), live.tokenizer, policy, task, use_chat=use_chat,
+                                   seed=seed)
+            recipe = written.parsed.recipe
+            try:
+                solved = ttt.solve(live.model, live.tokenizer, task, recipe, self.cfg.lora, self.cfg.train,
+                                   use_chat=use_chat, seed=seed, context=context)
+            except ValueError as e:  # the task does not fit the model's context
+                out.append({"task": task.id, "refused": str(e)})
+                continue
+            out.append({
+                "task": task.id,
+                "self_edit": {"text": written.texts[-1], "samples": len(written.texts),
+                              "recipe": dataclasses.asdict(recipe) if recipe else None,
+                              "refused": written.parsed.reason},
+                "trained": recipe is not None, "outputs": [list(map(list, g)) if g else None for g in solved.outputs],
+                "answers": solved.answers, "verdicts": solved.verdicts, "train": solved.train,
+                "seconds": round(time.perf_counter() - t0, 2),
+            })
+        return out
+
     # -- consolidation -------------------------------------------------------
     def consolidate(self, should_stop: Callable[[], bool] = lambda: False,
                     progress: Progress = no_progress) -> dict[str, Any]:

@@ -225,7 +225,7 @@ def _field(data: dict, key: str, kind: type, path: Path, default: Any = ...) -> 
 
 
 _KNOWN = {
-    "": {"name", "description", "chat", "base", "sampling", "parse", "questions"},
+    "": {"name", "description", "domain", "chat", "base", "sampling", "parse", "questions"},
     "questions": {"mode", "cloze_template"},
     "chat": {"system", "user"},
     "base": {"prompt", "completion_prefix"},
@@ -255,6 +255,9 @@ def _check_template(path: Path, key: str, template: str, required: set[str]) -> 
 def load_policy(path: Path) -> Policy:
     """Read and validate a policy file; every error names the file and the field."""
     data = _read_toml(path)
+    if data.get("domain", "knowledge") != "knowledge":
+        raise PolicyError(f"{path}: a policy of the {data['domain']!r} domain, not a knowledge policy "
+                          "(policy.active names a knowledge policy)")
     _check_known_fields(data, path)
     chat_system, chat_user, base_prompt = _prompts(data, path)
     sampling = _sampling(data, path)

@@ -139,3 +139,34 @@ def test_test_time_training_on_a_real_task_answers_and_leaves_the_model_as_it_wa
     assert ttt.solve(model, tokenizer, task, basic, tiny_cfg.lora, short).train["left_out_too_long"] == len(seqs)
     with pytest.raises(ValueError, match="over the model's 100"):
         ttt.solve(model, tokenizer, task, basic, tiny_cfg.lora, tiny_cfg.train, context=100)
+
+
+def test_solve_from_the_command_line_writes_a_recipe_trains_and_answers(tmp_path, tiny_config, tasks):
+    """`seal-agent solve` on one task file in ARC's layout (its test outputs included)
+    and on the ARC Prize files with --solutions; the random tiny model's recipe is
+    whatever it writes: parsed, or refused with the reason and answered untrained."""
+    import json
+
+    from click.testing import CliRunner
+
+    from seal_agent.cli import main
+
+    task = next(t for t in tasks if t.id == "5582e5ca")
+    one = tmp_path / "task.json"
+    one.write_text(json.dumps({"train": [{"input": p.input, "output": p.output} for p in task.train],
+                               "test": [{"input": task.test[0], "output": task.solutions[0]}]}))
+    r = CliRunner().invoke(main, ["--config", str(tiny_config), "--set", "train.epochs=1", "solve", str(one),
+                                  "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    [rec] = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rec["task"] == "task" and len(rec["answers"]) == 1 and len(rec["verdicts"]) == 1
+    edit = rec["self_edit"]
+    assert 1 <= edit["samples"] <= 3 and (edit["recipe"] is None) == (edit["refused"] is not None) == \
+        (not rec["trained"])
+    if not rec["trained"]:
+        assert rec["train"]["sequences"] == 0
+    assert rec["verdicts"][0]["reason"].split(":")[0] in ("parse", "shape", "cells", "correct")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"t1": {"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": [{"input": [[1]]}]}}')
+    r = CliRunner().invoke(main, ["--config", str(tiny_config), "solve", str(bad)])
+    assert r.exit_code == 1 and "ARC task t1: rows of different lengths" in r.output

@@ -137,18 +137,28 @@ def prompt_text(demonstrations: tuple[Pair, ...], test_input: Grid) -> str:
 
 def load_tasks(challenges: Path, solutions: Path | None = None) -> list[Task]:
     """Tasks in the ARC Prize JSON layout ({id: {"train": [...], "test": [...]}}, and
-    solutions {id: [grid, ...]}); a malformed task is refused naming it."""
+    solutions {id: [grid, ...]}), or one task in ARC's own layout (its test pairs may
+    carry their outputs); a malformed task is refused naming it."""
     try:
         data = json.loads(Path(challenges).read_text(encoding="utf-8"))
         sols = json.loads(Path(solutions).read_text(encoding="utf-8")) if solutions else {}
     except (OSError, ValueError) as e:
         raise GridError(f"cannot read ARC tasks: {e}") from None
+    if isinstance(data, dict) and "train" in data and "test" in data:  # one task, ARC's own file layout
+        data = {Path(challenges).stem: data}
+    if not isinstance(data, dict):
+        raise GridError(f"{challenges}: not ARC tasks (an object of task id -> task, or one task)")
     tasks = []
     for task_id, t in data.items():
         try:
             train = tuple(Pair(grid(p["input"]), grid(p["output"])) for p in t["train"])
             test = tuple(grid(p["input"]) for p in t["test"])
-            solved = tuple(grid(g) for g in sols[task_id]) if task_id in sols else None
+            if task_id in sols:
+                solved = tuple(grid(g) for g in sols[task_id])
+            elif all("output" in p for p in t["test"]):  # a task file that carries its answers
+                solved = tuple(grid(p["output"]) for p in t["test"])
+            else:
+                solved = None
         except (KeyError, TypeError, GridError) as e:
             raise GridError(f"ARC task {task_id}: {e}") from None
         if not train or not test:

@@ -66,28 +66,30 @@ class Solved:
     seconds: float
 
 
-def solve(model, tokenizer, task: Task, recipe: Recipe, lora: LoraConfig, train: TrainConfig, *,
+def solve(model, tokenizer, task: Task, recipe: Recipe | None, lora: LoraConfig, train: TrainConfig, *,
           use_chat: bool = True, seed: int = 0, context: int | None = None) -> Solved:
     """Train on the task's demonstrations as `recipe` says, answer its test inputs,
-    and take the adapter off again (`model` is left exactly as it was)."""
+    and take the adapter off again (`model` is left exactly as it was). No recipe:
+    the demonstrations in context only (the paper's ICL condition)."""
     t0 = time.perf_counter()
-    every = examples(task, recipe, tokenizer, use_chat)
+    every = examples(task, recipe, tokenizer, use_chat) if recipe is not None else []
 
     def tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=True)["input_ids"])
 
     fitting = [e for e in every if tokens(e.text) <= train.max_length]
-    stats_out: dict[str, Any] = {"sequences": len(fitting), "left_out_too_long": len(every) - len(fitting),
-                                 "lr": recipe.lr, "epochs": recipe.epochs, "loss_on": recipe.loss_on}
+    stats_out: dict[str, Any] = {"sequences": len(fitting), "left_out_too_long": len(every) - len(fitting)}
+    if recipe is not None:
+        stats_out.update(lr=recipe.lr, epochs=recipe.epochs, loss_on=recipe.loss_on)
     room = answer_tokens(task)
     prompts = [render(tokenizer, task.train, g, use_chat) for g in task.test]
     for g, p in zip(task.test, prompts):
         if context is not None and tokens(p) + room > context:
             raise ValueError(f"task {task.id}: a {shape(g)[0]}x{shape(g)[1]} test input's prompt takes "
                              f"{tokens(p)} tokens and its answer up to {room}: over the model's {context}")
-    recipe_train = dataclasses.replace(train, lr=recipe.lr, epochs=recipe.epochs, loss_on=recipe.loss_on)
     adapted = None
     if fitting:
+        recipe_train = dataclasses.replace(train, lr=recipe.lr, epochs=recipe.epochs, loss_on=recipe.loss_on)
         adapted, stats = train_adapter(model, tokenizer, fitting, lora, recipe_train, seed=seed, append_eos=True)
         stats_out.update(final_loss=stats.final_loss, train_seconds=round(stats.seconds, 2))
     try:

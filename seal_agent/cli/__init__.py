@@ -30,7 +30,7 @@ def main() -> None:
 
 
 for _command in (
-    learning.learn, learning.ask, learning.history, learning.consolidate, learning.rollback,
+    learning.learn, learning.ask, learning.history, learning.consolidate, learning.rollback, learning.solve,
     restem.restem_cmd, restem.policy,
     replay.replay,
     daemon.run_daemon, daemon.status, daemon.schedule,

@@ -273,3 +273,37 @@ def rollback(ctx: click.Context, version: int, as_json: bool) -> None:
         f"(weights {'identical' if v['weights'] else 'DIFFER'}, probe logits {'identical' if v['logits'] else 'differ'})",
         highlight=False,
     )
+
+
+# -- solve (ARC) ---------------------------------------------------------------
+
+@click.command()
+@click.argument("tasks", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--solutions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The ARC Prize solutions file for TASKS: each answer is checked against it.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per task.")
+@global_options
+@click.pass_context
+@handle_errors
+def solve(ctx: click.Context, tasks: Path, solutions: Path | None, as_json: bool) -> None:
+    """Solve ARC tasks: the model writes a training recipe (JSON), is trained on the
+    demonstrations as it says, and answers each test input with a grid.
+
+    TASKS: one task in ARC's layout ({"train": [...], "test": [...]}) or an ARC Prize
+    challenges file ({id: task}). Nothing is learned for good: the live model is
+    exactly as it was afterwards.
+    """
+    for r in agent_of(ctx).solve(tasks, solutions):
+        if as_json:
+            emit_json(r)
+            continue
+        if "refused" in r and "self_edit" not in r:
+            err.print(f"{r['task']}: refused: {r['refused']}", highlight=False)
+            continue
+        edit = r["self_edit"]
+        how = (f"trained on {r['train']['sequences']} sequences ({edit['recipe']['epochs']} epochs, "
+               f"lr {edit['recipe']['lr']})" if r["trained"] else f"not trained: {edit['refused']}")
+        verdicts = ", ".join(v["reason"] for v in r["verdicts"]) if r["verdicts"] else "no solution to check"
+        out.print(f"{r['task']}: {how}; {verdicts} ({r['seconds']} s)", highlight=False)
+        for answer in r["answers"]:
+            out.print(answer, highlight=False)
