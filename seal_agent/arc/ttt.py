@@ -93,8 +93,9 @@ def solve(model, tokenizer, task: Task, recipe: Recipe | None, lora: LoraConfig,
         adapted, stats = train_adapter(model, tokenizer, fitting, lora, recipe_train, seed=seed, append_eos=True)
         stats_out.update(final_loss=stats.final_loss, train_seconds=round(stats.seconds, 2))
     try:
+        # a blank line ends the grid (grids.decode reads no further): decoding stops there
         done = complete(adapted if adapted is not None else model, tokenizer, prompts,
-                        Sampling(max_new_tokens=room), batch_size=len(prompts))
+                        Sampling(max_new_tokens=room, stop=("\n\n",)), batch_size=len(prompts))
     finally:
         if adapted is not None:
             adapted.unload()
