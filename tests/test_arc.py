@@ -41,6 +41,8 @@ def test_an_answer_is_graded_cell_by_cell_and_a_malformed_one_says_why():
     gold = grid([[1, 2], [3, 4]])
     assert check("12\n34", gold).correct
     assert check("Output:\n12\n34\n\nThe rule is a swap.", gold).correct  # a header and an explanation around it
+    assert check("Output: 12\n34", gold).correct  # the header echoed on the first row's line
+    assert check("Output: the same as before", gold).reason.startswith("parse: not rows of digits")
     assert check("12\n35", gold).reason == "cells: 1 of 4 wrong"
     assert check("12\n34\n56", gold).reason == "shape: 3x2, expected 2x2"
     assert check("12\n3", gold).reason.startswith("parse: rows of different lengths")

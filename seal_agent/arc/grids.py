@@ -66,10 +66,14 @@ class Parsed:
 
 def decode(text: str) -> Parsed:
     """The grid an answer writes: its first block of digit rows (blank lines and a
-    trailing explanation end it). Not a grid: `grid` None and the reason."""
+    trailing explanation end it; an "Output:" header before it, on its own line or
+    the first row's, is skipped). Not a grid: `grid` None and the reason."""
     rows: list[str] = []
     for line in text.strip().splitlines():
         line = line.strip()
+        head, _, rest = line.partition(":")
+        if not rows and head.strip().lower() in ("output", "answer") and rest.strip().isdigit():
+            line = rest.strip()  # "Output: 012" (the header echoed on the first row's line)
         if not line:
             if rows:
                 break
