@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -296,45 +296,52 @@ class SealAgent:
         return run_round(deps, rcfg, data=list(data), should_stop=should_stop, progress=progress)
 
     # -- ARC -----------------------------------------------------------------
-    def solve(self, tasks_path: Path, solutions: Path | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    def solve(self, tasks_path: Path, solutions: Path | None = None, seed: int = 0,
+              recipe: str | None = None) -> Iterator[dict[str, Any]]:
         """ARC tasks: per task, the model writes a recipe (policies/arc-recipe.toml), is
         test-time trained on the demonstrations as it says, and answers the test
-        inputs (checked where the solutions are known). Nothing is kept: the live
-        weights are exactly as they were afterwards."""
+        inputs (checked where the solutions are known). `recipe`: a recipe's JSON
+        given instead, for every task (refused, saying why, if it does not parse).
+        Nothing is kept: the live weights are exactly as they were afterwards. Yields
+        each task's result as soon as it is done."""
         import dataclasses
         import time
 
         from .arc import ttt
         from .arc.grids import load_tasks
-        from .arc.writing import load_recipe_policy, write_recipe
+        from .arc.recipe import parse
+        from .arc.writing import Written, load_recipe_policy, write_recipe
 
+        given = None
+        if recipe is not None:
+            given = Written((recipe,), parse(recipe))
+            if given.parsed.recipe is None:
+                raise SealError(f"the recipe given is refused: {given.parsed.reason}")
         tasks = load_tasks(tasks_path, solutions)
         policy = load_recipe_policy(policy_dir(self.cfg) / "arc-recipe.toml")
         live = self.live
         context = getattr(live.model.config, "max_position_embeddings", None)
         use_chat = self.cfg.model.use_chat_template
-        out = []
         for task in tasks:
             t0 = time.perf_counter()
-            written = write_recipe(self.decoder("generate"), live.tokenizer, policy, task, use_chat=use_chat,
-                                   seed=seed)
-            recipe = written.parsed.recipe
+            written = given or write_recipe(self.decoder("generate"), live.tokenizer, policy, task,
+                                            use_chat=use_chat, seed=seed)
+            chosen = written.parsed.recipe
             try:
-                solved = ttt.solve(live.model, live.tokenizer, task, recipe, self.cfg.lora, self.cfg.train,
+                solved = ttt.solve(live.model, live.tokenizer, task, chosen, self.cfg.lora, self.cfg.train,
                                    use_chat=use_chat, seed=seed, context=context)
             except ValueError as e:  # the task does not fit the model's context
-                out.append({"task": task.id, "refused": str(e)})
+                yield {"task": task.id, "refused": str(e)}
                 continue
-            out.append({
+            yield {
                 "task": task.id,
-                "self_edit": {"text": written.texts[-1], "samples": len(written.texts),
-                              "recipe": dataclasses.asdict(recipe) if recipe else None,
+                "self_edit": {"text": written.texts[-1], "samples": len(written.texts), "given": given is not None,
+                              "recipe": dataclasses.asdict(chosen) if chosen else None,
                               "refused": written.parsed.reason},
-                "trained": recipe is not None, "outputs": [list(map(list, g)) if g else None for g in solved.outputs],
+                "trained": chosen is not None, "outputs": [list(map(list, g)) if g else None for g in solved.outputs],
                 "answers": solved.answers, "verdicts": solved.verdicts, "train": solved.train,
                 "seconds": round(time.perf_counter() - t0, 2),
-            })
-        return out
+            }
 
     # -- consolidation -------------------------------------------------------
     def consolidate(self, should_stop: Callable[[], bool] = lambda: False,

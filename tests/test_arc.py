@@ -168,6 +168,14 @@ def test_solve_from_the_command_line_writes_a_recipe_trains_and_answers(tmp_path
     if not rec["trained"]:
         assert rec["train"]["sequences"] == 0
     assert rec["verdicts"][0]["reason"].split(":")[0] in ("parse", "shape", "cells", "correct")
+    given = GOOD.replace('"use_repeat_augmentations": true', '"use_repeat_augmentations": false')
+    r = CliRunner().invoke(main, ["--config", str(tiny_config), "--set", "train.epochs=1", "solve", str(one),
+                                  "--recipe", given, "--json"], catch_exceptions=False)
+    [rec] = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rec["trained"] and rec["self_edit"]["given"] and rec["self_edit"]["recipe"]["epochs"] == 3
+    assert rec["train"]["sequences"] == len(task.train) * (1 + len(augment.BASIC))
+    r = CliRunner().invoke(main, ["--config", str(tiny_config), "solve", str(one), "--recipe", "{}"])
+    assert r.exit_code == 1 and "the recipe given is refused: does not match the recipe schema" in r.output
     bad = tmp_path / "bad.json"
     bad.write_text('{"t1": {"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": [{"input": [[1]]}]}}')
     r = CliRunner().invoke(main, ["--config", str(tiny_config), "solve", str(bad)])

@@ -281,11 +281,13 @@ def rollback(ctx: click.Context, version: int, as_json: bool) -> None:
 @click.argument("tasks", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--solutions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The ARC Prize solutions file for TASKS: each answer is checked against it.")
+@click.option("--recipe", default=None, metavar="JSON",
+              help="Train every task by this recipe (docs/arc.md) instead of the one the model writes.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per task.")
 @global_options
 @click.pass_context
 @handle_errors
-def solve(ctx: click.Context, tasks: Path, solutions: Path | None, as_json: bool) -> None:
+def solve(ctx: click.Context, tasks: Path, solutions: Path | None, recipe: str | None, as_json: bool) -> None:
     """Solve ARC tasks: the model writes a training recipe (JSON), is trained on the
     demonstrations as it says, and answers each test input with a grid.
 
@@ -293,7 +295,7 @@ def solve(ctx: click.Context, tasks: Path, solutions: Path | None, as_json: bool
     challenges file ({id: task}). Nothing is learned for good: the live model is
     exactly as it was afterwards.
     """
-    for r in agent_of(ctx).solve(tasks, solutions):
+    for r in agent_of(ctx).solve(tasks, solutions, recipe=recipe):
         if as_json:
             emit_json(r)
             continue
