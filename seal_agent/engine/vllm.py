@@ -131,8 +131,8 @@ class VllmEngine:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:
-            raise EngineUnavailable(f"vLLM is not installed ({e}): pip install -e '.[vllm]' (README: GPU users "
-                                    f"install the CUDA build); or {FALLBACK}") from None
+            raise EngineUnavailable(f"vLLM is not installed ({e}): pip install -e '.[vllm]' (a GPU machine "
+                                    f"installs the CUDA build: docs/engine.md); or, {FALLBACK}") from None
         args = AsyncEngineArgs(
             model=str(self.weights), dtype=self.cfg.dtype, seed=seed, enforce_eager=self.cfg.enforce_eager,
             max_model_len=self.max_model_len, max_num_seqs=self.cfg.max_num_seqs,
