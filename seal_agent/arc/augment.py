@@ -37,8 +37,17 @@ class Augmentation:
 
     def fits(self, g: Grid) -> bool:
         """Whether the augmented grid stays within ARC's 30x30."""
-        h, w = np.shape(self.forward(np.array(g)))
-        return h <= MAX_SIDE and w <= MAX_SIDE
+        return self.pairs((Pair(g, g),)) is not None
+
+    def pairs(self, pairs: tuple[Pair, ...]) -> tuple[Pair, ...] | None:
+        """Every pair augmented (input and output alike); None when a grid would go over 30x30."""
+        out = []
+        for p in pairs:
+            i, o = self(p.input), self(p.output)
+            if max(len(i), len(i[0]), len(o), len(o[0])) > MAX_SIDE:
+                return None
+            out.append(Pair(i, o))
+        return tuple(out)
 
 
 def _every(n: int, axis: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -86,11 +95,7 @@ def chosen(basic: bool, size: bool, chain: bool, repeat: bool) -> list[Augmentat
 def augment_pairs(pairs: tuple[Pair, ...], augmentations: list[Augmentation]) -> list[tuple[Pair, ...]]:
     """Each augmentation applied to every pair (input and output alike); one that
     would take a grid over 30x30 is left out for these pairs."""
-    out = []
-    for aug in augmentations:
-        if all(aug.fits(p.input) and aug.fits(p.output) for p in pairs):
-            out.append(tuple(Pair(aug(p.input), aug(p.output)) for p in pairs))
-    return out
+    return [a for a in (aug.pairs(pairs) for aug in augmentations) if a is not None]
 
 
 def leave_one_out(task: Task) -> list[tuple[tuple[Pair, ...], Pair]]:

@@ -35,17 +35,10 @@ def render(tokenizer, demonstrations: tuple[Pair, ...], test_input: Grid, use_ch
 
 def examples(task: Task, recipe: Recipe, tokenizer, use_chat: bool) -> list[Example]:
     """The leave-one-out sequences, plain and under the recipe's augmentations."""
-    views: list[augment.Augmentation | None] = [None, *augment.chosen(recipe.basic, recipe.size, recipe.chain,
-                                                                          recipe.repeat)]
+    augmentations = augment.chosen(recipe.basic, recipe.size, recipe.chain, recipe.repeat)
     out = []
     for shown, held in augment.leave_one_out(task):
-        for aug in views:
-            pairs = (*shown, held)
-            if aug is not None:
-                if not all(aug.fits(p.input) and aug.fits(p.output) for p in pairs):
-                    continue
-                pairs = tuple(Pair(aug(p.input), aug(p.output)) for p in pairs)
-            *s, h = pairs
+        for *s, h in [(*shown, held), *augment.augment_pairs((*shown, held), augmentations)]:
             out.append(Example(render(tokenizer, tuple(s), h.input, use_chat), encode(h.output)))
     return list(dict.fromkeys(out))  # a symmetric grid makes some views the same sequence
 
