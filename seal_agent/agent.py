@@ -149,9 +149,10 @@ class SealAgent:
         the vLLM engine on the same weights."""
         return self.vllm().view() if engine_for(self.cfg, job) == "vllm" else self.live.model
 
-    def _generating_engine(self):
-        """The learner's engine: vLLM where engine.generate says so, on the modules line
-        (the merge line changes the weights at every update: an engine per passage)."""
+    def learning_engine(self):
+        """The learner's engine (what starts it): vLLM where engine.generate says so, on
+        the modules line (the merge line changes the weights at every update: an engine
+        per passage); None: the learner decodes with torch."""
         if engine_for(self.cfg, "generate") != "vllm" or self.cfg.memory.mode != "modules":
             return None
         return self.vllm
@@ -170,7 +171,7 @@ class SealAgent:
             from .learning.modules import ModuleLearner
 
             return ModuleLearner(*args, external=external, policy_versions=self.policy_versions,
-                                 modules=self.modules, embedder=self.bank.embedder, engine=self._generating_engine())
+                                 modules=self.modules, embedder=self.bank.embedder, engine=self.learning_engine())
         return Learner(*args, external=external, policy_versions=self.policy_versions)
 
     def learn(self, path: Path, progress: Progress = no_progress, max_passages: int | None = None,
@@ -311,6 +312,7 @@ class SealAgent:
         from .arc.grids import load_tasks
         from .arc.recipe import parse
         from .arc.writing import Written, load_recipe_policy, write_recipe
+        from .model.loader import context_length
 
         given = None
         if recipe is not None:
@@ -320,7 +322,7 @@ class SealAgent:
         tasks = load_tasks(tasks_path, solutions)
         policy = load_recipe_policy(policy_dir(self.cfg) / "arc-recipe.toml")
         live = self.live
-        context = getattr(live.model.config, "max_position_embeddings", None)
+        context = context_length(live.model, live.tokenizer)
         use_chat = self.cfg.model.use_chat_template
         for task in tasks:
             t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..config import EngineConfig
 from ..errors import SealError
-from ..model.generation import Completion, Decoder, Sampling, first_stop, until_stop
+from ..model.generation import Completion, Decoder, Sampling, default_top_k, eos_ids, first_stop, until_stop
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +55,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]
 
 
-def _eos_ids(weights: Path, tokenizer) -> list[int]:
-    """The end tokens `model.generate` stops at: the generation config's, else the tokenizer's."""
-    eos = None
-    path = weights / "generation_config.json"
-    if path.is_file():
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return sorted(set(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+def _generation_config(weights: Path):
+    """The model's generation config, as `model.generate` reads it (None: it has none)."""
+    from transformers import GenerationConfig
 
-
-def _top_k(weights: Path) -> int:
-    """The top-k the torch engine samples with: the model's generation config's, else transformers' 50."""
-    path = weights / "generation_config.json"
-    if path.is_file():
-        top_k = json.loads(path.read_text(encoding="utf-8")).get("top_k")
-        if top_k is not None:
-            return int(top_k)
-    return 50
+    return GenerationConfig.from_pretrained(weights) if (weights / "generation_config.json").is_file() else None
 
 
 def _max_model_len(weights: Path, wanted: int) -> int:
@@ -102,8 +88,9 @@ class VllmEngine:
         self.weights, self.tokenizer, self.cfg = Path(weights), tokenizer, cfg
         self.label = label or str(weights)
         self.max_model_len = _max_model_len(self.weights, cfg.max_model_len)
-        self.eos = _eos_ids(self.weights, tokenizer)
-        self.top_k = _top_k(self.weights)
+        generation_config = _generation_config(self.weights)
+        self.eos = sorted(eos_ids(generation_config, tokenizer))
+        self.top_k = default_top_k(generation_config)
         self._ids: dict[str, int] = {}  # adapter directory -> its LoRA id in this engine
         self._count = threading.Condition()
         self._inflight = 0

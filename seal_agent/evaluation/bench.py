@@ -230,16 +230,15 @@ def replay_search(sizes=(10_000, 100_000, 1_000_000), dim: int = 384, k: int = 8
 
 def timed_learn(cfg: Config, doc: Path, state_dir: Path, **sections: dict[str, Any]):
     """`learn` of `doc` in a scratch state (`sections` changed as `scratch_config` does):
-    its report and seconds. The model, and a vLLM engine where one decodes, start
-    outside the timed part."""
+    its report and seconds. The model, and a vLLM engine where the learner decodes
+    with one, start outside the timed part."""
     from ..agent import SealAgent
-    from ..config import JOBS, engine_for
 
     agent = SealAgent(scratch_config(cfg, state_dir, **sections))
     try:
         agent.live  # noqa: B018 - loaded outside the timed part
-        if any(engine_for(agent.cfg, job) == "vllm" for job in JOBS if job != "serve"):
-            agent.vllm()
+        if (start := agent.learning_engine()) is not None:
+            start()
         t0 = time.perf_counter()
         report = agent.learn(doc)
         return report, time.perf_counter() - t0

@@ -34,6 +34,7 @@ from ..model.generation import Sampling, complete
 from ..model.inner_loop import applied
 from ..model.loader import answer_dtype
 from ..qa.grading import grade
+from .routing import share
 from .scratch import scratch_config
 
 # Invented festivals: no model knows them, and every one has names of its own to be routed by.
@@ -107,7 +108,7 @@ def api_load(client, cfg: Config, questions: list[tuple[str, int]], clients: tup
         lat, right = [t for t, _ in timed], [ok for _, ok in timed]
         out[f"clients_{n}"] = {"requests": len(lat), "seconds": round(wall, 2),
                                "requests_per_s": round(len(lat) / wall, 2), **_latencies(lat),
-                               "answered_with_its_module": round(sum(right) / len(right), 3)}
+                               "answered_with_its_module": share(right)}
     return out
 
 
@@ -201,9 +202,9 @@ def engines(cfg: Config, *, documents: int = 16, rows: tuple[int, ...] = (1, 8, 
     golds = [it["questions"][0]["answer"] for it in items]
     result["engines_agree"] = {
         "questions": documents,
-        "same_answer": round(sum(a == b for a, b in zip(torch_answers, vllm_answers)) / documents, 3),
-        "same_grade": round(sum(grade(a, g, cfg.qa) == grade(b, g, cfg.qa)
-                                for a, b, g in zip(torch_answers, vllm_answers, golds)) / documents, 3),
+        "same_answer": share(a == b for a, b in zip(torch_answers, vllm_answers)),
+        "same_grade": share(grade(a, g, cfg.qa) == grade(b, g, cfg.qa)
+                            for a, b, g in zip(torch_answers, vllm_answers, golds)),
         "correct": {"torch": sum(grade(a, g, cfg.qa) for a, g in zip(torch_answers, golds)),
                     "vllm": sum(grade(b, g, cfg.qa) for b, g in zip(vllm_answers, golds))},
     }

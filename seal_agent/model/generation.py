@@ -264,9 +264,10 @@ def plain_sampling(model) -> bool:
     return _unset(model, _NOT_PLAIN) and _unset(model, _NOT_PLAIN_SAMPLING)
 
 
-def _default_top_k(model) -> int:
-    """The top-k `model.generate` samples with: the model's, else transformers' default (50)."""
-    top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+def default_top_k(generation_config: GenerationConfig | None) -> int:
+    """The top-k `model.generate` samples with: the model's generation config's, else
+    transformers' default (50); 0 for none. (vLLM is given the same: engine/vllm.py.)"""
+    top_k = getattr(generation_config, "top_k", None)
     if top_k is None:
         defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
         top_k = defaults().get("top_k") if defaults else GenerationConfig().top_k
@@ -283,7 +284,7 @@ def _picker(model, sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]
     warpers = LogitsProcessorList()
     if sampling.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(sampling.temperature))
-    if top_k := _default_top_k(model):
+    if top_k := default_top_k(getattr(model, "generation_config", None)):
         warpers.append(TopKLogitsWarper(top_k))
     if sampling.top_p < 1.0:
         warpers.append(TopPLogitsWarper(sampling.top_p))
@@ -295,8 +296,9 @@ def _picker(model, sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]
     return pick
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+def eos_ids(generation_config: GenerationConfig | None, tokenizer) -> set[int]:
+    """The end tokens `model.generate` stops at: the generation config's, else the tokenizer's."""
+    eos = getattr(generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -382,7 +384,7 @@ def complete(
         torch.manual_seed(seed)
     outputs: list[Completion] = []
     device = next(model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(getattr(model, "generation_config", None), tokenizer)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -524,7 +526,7 @@ class TextStream:
                   "stopping_criteria": StoppingCriteriaList([_Until(self._cancel)])}
         with torch.inference_mode(), computing_in(model, self.compute_dtype):
             out = model.generate(**enc, **kwargs)
-        eos = _eos_ids(model, tokenizer)
+        eos = eos_ids(getattr(model, "generation_config", None), tokenizer)
         ids = _written(out[0, enc["input_ids"].shape[1] :].tolist(), eos)
         self.completion, cut_short = _completion(tokenizer, ids, sampling, eos)
         if cut_short:

@@ -169,3 +169,13 @@ def load_model(path: Path, cfg: Config) -> PreTrainedModel:
     model.to(cfg.model.device)
     model.eval()
     return model
+
+
+def context_length(model, tokenizer, table: int | None = None) -> int | None:
+    """Tokens a model attends to, prompt and completion together: its position
+    table (or `table`, an engine's own), or its tokenizer's limit where smaller
+    (a tokenizer without one says 1e30)."""
+    if table is None:
+        table = getattr(model.config, "max_position_embeddings", None)
+    limits = (table, getattr(tokenizer, "model_max_length", None))
+    return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=None)

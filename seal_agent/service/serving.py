@@ -37,7 +37,7 @@ from ..memory.knowledge import Knowledge
 from ..memory.modules import Route
 from ..model.generation import Completion, Sampling, TextStream, complete, has_chat_template, render_chat
 from ..model.inner_loop import Merged
-from ..model.loader import answer_dtype
+from ..model.loader import answer_dtype, context_length
 from .queue import Job
 
 NO_ROUTE = Route(None, -1.0)
@@ -55,16 +55,6 @@ class NotServed(SealError):
     """What this backend does not do (documents and jobs, behind a model served alone)."""
 
 
-def _context(model, tokenizer) -> int | None:
-    """Tokens the model attends to, prompt and completion together: its position
-    table (an engine's max_model_len), or its tokenizer's limit where smaller (a
-    tokenizer without one says 1e30)."""
-    table = model.max_model_len if isinstance(model, VllmEngine) else \
-        getattr(model.config, "max_position_embeddings", None)
-    limits = (table, getattr(tokenizer, "model_max_length", None))
-    return min((n for n in limits if isinstance(n, int) and 0 < n < 10**8), default=None)
-
-
 class Served:
     """The model that answers requests (a copy of the live weights) and its version."""
 
@@ -74,7 +64,8 @@ class Served:
         self.use_chat = use_chat
         self.dtype = dtype  # matmul dtype of its answers (model.answer_dtype)
         self.knowledge = knowledge  # None: nothing is routed
-        self.context = _context(model, tokenizer)
+        # an engine's own max_model_len in place of the model's position table
+        self.context = context_length(model, tokenizer, model.max_model_len if isinstance(model, VllmEngine) else None)
         if isinstance(model, VllmEngine):
             model.hold()  # up until this server swaps it out or closes
         self._swap = threading.Lock()
