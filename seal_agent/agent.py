@@ -21,6 +21,7 @@ from .config import Config, engine_for
 from .documents import SUPPORTED
 from .errors import SealError
 from .learning.learner import DocumentReport, Learner
+from .learning.skills import SkillReport
 from .memory.adapter_log import AdapterLog
 from .memory.knowledge import Knowledge
 from .memory.live import LiveModel, discard_uncommitted
@@ -28,6 +29,7 @@ from .memory.lock import StateLock
 from .memory.modules import ModuleStore
 from .memory.policy_versions import PolicyVersions
 from .memory.replay import ReplayBank
+from .memory.skills import SkillStore
 from .memory.state import State
 from .policy import Policy, load_active_policy
 from .progress import Progress, no_progress
@@ -77,6 +79,9 @@ class SealAgent:
         self.knowledge = Knowledge(cfg, self.state, self.modules, lambda: self.bank.embedder)
         # The promoted self-edit policy adapter (ReSTEM's line of versions).
         self.policy_versions = PolicyVersions(self.state, cfg.state_path("adapters"), self.policy.name)
+        # ARC: the recipe policy's own line of versions, and the skill modules of the tasks given.
+        self.arc_versions = PolicyVersions(self.state, cfg.state_path("adapters"), cfg.arc.policy)
+        self.skills = SkillStore(self.state, AdapterLog(cfg.state_path("adapters") / "skills", prefix="s"))
         self._live: LiveModel | None = None
         self._bank: ReplayBank | None = None
         self._vllm = None  # the vLLM engine on the live weights (engine/vllm.py), started on first use
@@ -98,8 +103,11 @@ class SealAgent:
         self.log.repair()
         self.policy_versions.log.repair()
         self.modules.log.repair()
+        self.arc_versions.log.repair()
+        self.skills.log.repair()
         discard_uncommitted(self.state, self.log)
         self.modules.discard_uncommitted()
+        self.skills.discard_uncommitted()
         for doc_id in self.state.interrupt_documents():
             log.info("document %d: its learning was interrupted by a stop; marked interrupted", doc_id)
 
@@ -175,8 +183,15 @@ class SealAgent:
         return Learner(*args, external=external, policy_versions=self.policy_versions)
 
     def learn(self, path: Path, progress: Progress = no_progress, max_passages: int | None = None,
-              recorded_as: str | None = None) -> DocumentReport:
+              recorded_as: str | None = None) -> DocumentReport | SkillReport:
+        """A document into the knowledge; an ARC task file (arc/grids.py) is solved
+        instead, and what it trained kept as skill modules (learning/skills.py)."""
+        from .arc.grids import is_task_file
+        from .learning.skills import learn_tasks
+
         self.own()
+        if is_task_file(path):
+            return learn_tasks(self.solver(), self.state, self.skills, path, recorded_as, seed=self.cfg.model.seed)
         return self.learner().learn_file(path, progress, max_passages, recorded_as)
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> dict[str, Any]:
@@ -279,40 +294,59 @@ class SealAgent:
         raise AssertionError(name)  # pragma: no cover - every name in TASKS is handled above
 
     # -- ReSTEM ----------------------------------------------------------------
-    def restem(self, *, contexts: int | None = None, samples: int | None = None, seeds: int | None = None,
-               data: list[Path] = (), should_stop: Callable[[], bool] = lambda: False,
+    def restem(self, *, domain: str = "knowledge", contexts: int | None = None, samples: int | None = None,
+               seeds: int | None = None, data: list[Path] = (), should_stop: Callable[[], bool] = lambda: False,
                progress: Progress = no_progress) -> dict[str, Any]:
-        """One ReSTEM refresh of the active policy; see restem/refresh.py. Returns its record."""
-        from .restem.refresh import RoundDeps, round_config, run_round
+        """One ReSTEM refresh of the `domain`'s policy (knowledge: the active policy;
+        arc: the recipe policy, a line of its own); see restem/refresh.py. Returns its record."""
+        from .restem.refresh import RoundDeps, arc_pool, knowledge_pool, round_config, run_round
         from .restem.rounds import RoundLog
 
+        versions = self.versions_of(domain)
         self.own()
-        # Checked before the model loads, so a wrong count costs nothing.
+        # Checked before the model loads, so a wrong count or policy costs nothing.
         rcfg = round_config(self.cfg.restem, contexts=contexts, samples=samples, seeds=seeds)
+        recipe_policy = self.recipe_policy() if domain == "arc" else None
         live = self.live
-        deps = RoundDeps(cfg=self.cfg, state=self.state, rounds=RoundLog(self.state), policy=self.policy,
-                         versions=self.policy_versions, model=live.model, tokenizer=live.tokenizer,
-                         knowledge_version=live.version, bank=self.bank if self.cfg.replay.enabled else None,
+        deps = RoundDeps(cfg=self.cfg, state=self.state, rounds=RoundLog(self.state), versions=versions,
+                         model=live.model, tokenizer=live.tokenizer, knowledge_version=live.version,
                          sampler=self.vllm().view() if engine_for(self.cfg, "generate") == "vllm" else None)
-        return run_round(deps, rcfg, data=list(data), should_stop=should_stop, progress=progress)
+        if domain == "arc":
+            pool = arc_pool(deps, recipe_policy, [(s.task, s.id) for s in self.skills.all()], list(data))
+        else:
+            pool = knowledge_pool(deps, rcfg, self.policy, self.bank if self.cfg.replay.enabled else None,
+                                  list(data))
+        return run_round(deps, rcfg, pool, should_stop=should_stop, progress=progress)
 
     # -- ARC -----------------------------------------------------------------
+    def recipe_policy(self):
+        from .arc.writing import load_recipe_policy
+
+        return load_recipe_policy(policy_dir(self.cfg) / f"{self.cfg.arc.policy}.toml")
+
+    def solver(self, policy_version: int | None = None):
+        """What solves ARC tasks on the live weights, its recipes written by the
+        promoted ARC policy version (or `policy_version`; 0: the prompt alone)."""
+        from .learning.skills import Solver
+        from .model.loader import context_length
+
+        policy = self.recipe_policy()
+        live = self.live
+        return Solver(self.cfg, live.model, live.tokenizer, self.decoder("generate"), policy,
+                      self.arc_versions.adapter_dir(policy_version), self.arc_versions.label(policy_version),
+                      context_length(live.model, live.tokenizer))
+
     def solve(self, tasks_path: Path, solutions: Path | None = None, seed: int = 0,
               recipe: str | None = None) -> Iterator[dict[str, Any]]:
-        """ARC tasks: per task, the model writes a recipe (policies/arc-recipe.toml), is
+        """ARC tasks: per task, the model writes a recipe (the ARC policy), is
         test-time trained on the demonstrations as it says, and answers the test
         inputs (checked where the solutions are known). `recipe`: a recipe's JSON
         given instead, for every task (refused, saying why, if it does not parse).
         Nothing is kept: the live weights are exactly as they were afterwards. Yields
         each task's result as soon as it is done."""
-        import dataclasses
-        import time
-
-        from .arc import ttt
         from .arc.grids import load_tasks
         from .arc.recipe import parse
-        from .arc.writing import Written, load_recipe_policy, write_recipe
-        from .model.loader import context_length
+        from .arc.writing import Written
 
         given = None
         if recipe is not None:
@@ -320,30 +354,9 @@ class SealAgent:
             if given.parsed.recipe is None:
                 raise SealError(f"the recipe given is refused: {given.parsed.reason}")
         tasks = load_tasks(tasks_path, solutions)
-        policy = load_recipe_policy(policy_dir(self.cfg) / "arc-recipe.toml")
-        live = self.live
-        context = context_length(live.model, live.tokenizer)
-        use_chat = self.cfg.model.use_chat_template
+        solver = self.solver()
         for task in tasks:
-            t0 = time.perf_counter()
-            written = given or write_recipe(self.decoder("generate"), live.tokenizer, policy, task,
-                                            use_chat=use_chat, seed=seed)
-            chosen = written.parsed.recipe
-            try:
-                solved = ttt.solve(live.model, live.tokenizer, task, chosen, self.cfg.lora, self.cfg.train,
-                                   use_chat=use_chat, seed=seed, context=context)
-            except ValueError as e:  # the task does not fit the model's context
-                yield {"task": task.id, "refused": str(e)}
-                continue
-            yield {
-                "task": task.id,
-                "self_edit": {"text": written.texts[-1], "samples": len(written.texts), "given": given is not None,
-                              "recipe": dataclasses.asdict(chosen) if chosen else None,
-                              "refused": written.parsed.reason},
-                "trained": chosen is not None, "outputs": [list(map(list, g)) if g else None for g in solved.outputs],
-                "answers": solved.answers, "verdicts": solved.verdicts, "train": solved.train,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
+            yield solver.solve(task, seed=seed, given=given)
 
     # -- consolidation -------------------------------------------------------
     def consolidate(self, should_stop: Callable[[], bool] = lambda: False,
@@ -387,10 +400,17 @@ class SealAgent:
                              conn=c, data={"from": previous, "to": version, "verified": checks})
         return {"from": previous, "version": version, "verified": checks}
 
-    def policy_rollback(self, version: int) -> dict[str, Any]:
+    def versions_of(self, domain: str) -> PolicyVersions:
+        """The line of policy versions of a ReSTEM domain (knowledge: the active policy's)."""
+        if domain not in ("knowledge", "arc"):
+            raise SealError(f"no ReSTEM domain {domain!r} (knowledge or arc)")
+        return self.policy_versions if domain == "knowledge" else self.arc_versions
+
+    def policy_rollback(self, version: int, domain: str = "knowledge") -> dict[str, Any]:
         """Make policy `version` the one that writes self-edits (0 = the prompt alone)."""
+        versions = self.versions_of(domain)
         self.own()
-        return self.policy_versions.rollback(version)
+        return versions.rollback(version)
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:

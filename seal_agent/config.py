@@ -204,6 +204,22 @@ class EvalConfig:
 
 
 @dataclass
+class ArcConfig:
+    # The few-shot domain (ARC, docs/arc.md): the self-edit is a recipe for test-time training.
+    policy: str = "arc-recipe"     # the recipe policy: policies/<policy>.toml
+    # ARC task files (an ARC Prize challenges file, or one task) whose tasks are
+    # ReSTEM's contexts (`restem --domain arc`), beside the tasks the daemon has
+    # solved. Their demonstrations are enough: rewards never look at a test output.
+    data: list[str] = field(default_factory=list)
+    # `eval arc` when no --data is given: a challenges file and its solutions.
+    eval_data: str = ""
+    eval_solutions: str = ""
+    # Seconds of test-time training one task may take; past it the training stops
+    # and the task (or ReSTEM candidate) counts as not solved, with that reason.
+    budget_s: float = 900.0
+
+
+@dataclass
 class ReplayConfig:
     # The replay QA bank and the forgetting check before every merge.
     enabled: bool = True
@@ -395,6 +411,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     restem: RestemConfig = field(default_factory=RestemConfig)
+    arc: ArcConfig = field(default_factory=ArcConfig)
     adapter_log: AdapterLogConfig = field(default_factory=AdapterLogConfig)
     # Directory that relative paths in the config are resolved against.
     root: Path = field(default_factory=Path.cwd, repr=False)
@@ -495,6 +512,7 @@ _BOUNDS: dict[str, Bound] = {
     "restem.heldout_contexts": _AT_LEAST_1, "restem.retention_penalty": _AT_LEAST_0,
     "restem.replay_k": _AT_LEAST_0, "restem.lora_r": _AT_LEAST_1, "restem.lora_alpha": _AT_LEAST_1,
     "restem.epochs": _AT_LEAST_1, "restem.lr": _POSITIVE,
+    "arc.budget_s": _POSITIVE,
     "adapter_log.snapshot_every": _AT_LEAST_0, "adapter_log.keep_snapshots": _AT_LEAST_0,
 }
 

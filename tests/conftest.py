@@ -72,7 +72,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return out
 
 
-def _tiny_llama(tokenizer_dir: Path, out: Path, hidden: int) -> Path:
+def _tiny_llama(tokenizer_dir: Path, out: Path, hidden: int, pad: bool = True) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -80,7 +80,7 @@ def _tiny_llama(tokenizer_dir: Path, out: Path, hidden: int) -> Path:
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         initializer_range=0.1, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id if pad else None,
     )
     torch.manual_seed(1234)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
@@ -92,6 +92,15 @@ def _tiny_llama(tokenizer_dir: Path, out: Path, hidden: int) -> Path:
 def vllm_tiny_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     """The tiny Llama 128 wide: heads of 32, the smallest vLLM's CPU attention takes (16 it refuses)."""
     return _tiny_llama(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama-128"), 128)
+
+
+@pytest.fixture(scope="session")
+def arc_tiny_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """The tiny Llama without a padding index. SmolLM2's pad token is its end token, and
+    an embedding's padding row stays zero: with tied embeddings the tiny model could
+    never learn to end a grid, which the ARC tests need it to (test-time training that
+    solves a task)."""
+    return _tiny_llama(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama-arc"), 64, pad=False)
 
 
 # A daemon under test: quick to take files, no schedules unless a test sets one.

@@ -10,11 +10,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_config_toml_states_every_default():
-    """config.toml documents every knob with its default value, but for eval.data: the code
-    knows no data set (""), this repository's config names its own dev set."""
+    """config.toml documents every knob with its default value, but for the data sets: the
+    code knows none, this repository's config names its own (SQuAD dev set, ARC tasks)."""
     shipped, defaults = to_dict(load_config(ROOT / "config.toml")), to_dict(Config())
     assert shipped["eval"].pop("data") == "../shared/data/squad/eval_dev.json"
     assert defaults["eval"].pop("data") == ""
+    for key in ("data", "eval_data", "eval_solutions"):
+        assert "../shared/data/arc/" in str(shipped["arc"].pop(key)) and not defaults["arc"].pop(key)
     assert shipped == defaults
     text = (ROOT / "config.toml").read_text()
     for section, values in to_dict(Config()).items():

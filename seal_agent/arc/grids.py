@@ -139,6 +139,23 @@ def prompt_text(demonstrations: tuple[Pair, ...], test_input: Grid) -> str:
     return f"{shown}\n\nInput:\n{encode(test_input)}\n\nOutput:\n"
 
 
+def _is_task(data) -> bool:
+    return isinstance(data, dict) and "train" in data and "test" in data
+
+
+def is_task_file(path: Path) -> bool:
+    """Whether a file holds ARC tasks (one task, or an ARC Prize challenges file)
+    rather than a document: how `learn` and the inbox tell the two .json kinds apart.
+    A file that is not JSON is not a task file (the document reader says why)."""
+    if Path(path).suffix.lower() != ".json":
+        return False
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return _is_task(data) or (isinstance(data, dict) and bool(data) and all(_is_task(t) for t in data.values()))
+
+
 def load_tasks(challenges: Path, solutions: Path | None = None) -> list[Task]:
     """Tasks in the ARC Prize JSON layout ({id: {"train": [...], "test": [...]}}, and
     solutions {id: [grid, ...]}), or one task in ARC's own layout (its test pairs may
@@ -148,7 +165,7 @@ def load_tasks(challenges: Path, solutions: Path | None = None) -> list[Task]:
         sols = json.loads(Path(solutions).read_text(encoding="utf-8")) if solutions else {}
     except (OSError, ValueError) as e:
         raise GridError(f"cannot read ARC tasks: {e}") from None
-    if isinstance(data, dict) and "train" in data and "test" in data:  # one task, ARC's own file layout
+    if _is_task(data):  # one task, ARC's own file layout
         data = {Path(challenges).stem: data}
     if not isinstance(data, dict):
         raise GridError(f"{challenges}: not ARC tasks (an object of task id -> task, or one task)")

@@ -48,6 +48,20 @@ class _Recipe(BaseModel):
     training: _Training
 
 
+def _schema() -> str:
+    """The schema as JSON: what constrained decoding holds a sampled recipe to
+    (model/constrained.py; vLLM's structured outputs), ranges included. `parse`
+    still clamps, for recipes written without it."""
+    schema = _Recipe.model_json_schema()
+    training = schema["$defs"]["_Training"]["properties"]
+    training["learning_rate"].update(minimum=LR_RANGE[0], maximum=LR_RANGE[1])
+    training["num_train_epochs"].update(minimum=EPOCHS_RANGE[0], maximum=EPOCHS_RANGE[1])
+    return json.dumps(schema)
+
+
+SCHEMA = _schema()
+
+
 @dataclass(frozen=True)
 class Recipe:
     basic: bool

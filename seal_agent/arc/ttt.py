@@ -13,8 +13,10 @@ model's context is refused with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,83 @@ def answer_tokens(task: Task) -> int:
     return min(2 * largest + 8, 30 * 31 + 8)
 
 
+def held_out(task: Task) -> Task:
+    """The task as ReSTEM's reward sees it: its last demonstration becomes the one
+    test input, with its output as the solution, and the others are the
+    demonstrations. The real test inputs (and any test outputs) are not in it."""
+    if len(task.train) < 2:
+        raise ValueError(f"task {task.id}: one demonstration, none left to hold out")
+    *shown, held = task.train
+    return Task(task.id, tuple(shown), (held.input,), (held.output,))
+
+
+class OverBudget(Exception):
+    """Test-time training ran past its time budget (and was stopped)."""
+
+
+def _tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def check_fits(task: Task, tokenizer, context: int | None, use_chat: bool = True) -> None:
+    """Raises ValueError, saying why, when a test input's prompt and room for its
+    answer are over the model's context."""
+    if context is None:
+        return
+    room = answer_tokens(task)
+    for g in task.test:
+        n = _tokens(tokenizer, render(tokenizer, task.train, g, use_chat))
+        if n + room > context:
+            raise ValueError(f"task {task.id}: a {shape(g)[0]}x{shape(g)[1]} test input's prompt takes "
+                             f"{n} tokens and its answer up to {room}: over the model's {context}")
+
+
+@contextlib.contextmanager
+def adapted(model, tokenizer, task: Task, recipe: Recipe | None, lora: LoraConfig, train: TrainConfig, *,
+            use_chat: bool = True, seed: int = 0, budget_s: float | None = None) -> Iterator[tuple[Any, dict]]:
+    """`model` test-time trained on `task`'s demonstrations as `recipe` says, with
+    what the training did; the adapter is taken off on exit. No recipe, or no
+    sequence that fits `train.max_length`: `model` itself, untrained. Past
+    `budget_s` seconds of training, OverBudget (and `model` is left as it was)."""
+    every = examples(task, recipe, tokenizer, use_chat) if recipe is not None else []
+    fitting = [e for e in every if _tokens(tokenizer, e.text) <= train.max_length]
+    stats: dict[str, Any] = {"sequences": len(fitting), "left_out_too_long": len(every) - len(fitting)}
+    if recipe is not None:
+        stats.update(lr=recipe.lr, epochs=recipe.epochs, loss_on=recipe.loss_on)
+    if not fitting:
+        yield model, stats
+        return
+    t0 = time.perf_counter()
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            raise OverBudget(f"test-time training passed its {budget_s:g} s budget at step {step} of {total}")
+
+    recipe_train = dataclasses.replace(train, lr=recipe.lr, epochs=recipe.epochs, loss_on=recipe.loss_on)
+    peft_model, trained = train_adapter(model, tokenizer, fitting, lora, recipe_train, seed=seed,
+                                        append_eos=True, on_step=on_step)
+    stats.update(steps=trained.steps, final_loss=trained.final_loss, train_seconds=round(trained.seconds, 2))
+    try:
+        yield peft_model, stats
+    finally:
+        peft_model.unload()
+
+
+def answer(model, tokenizer, task: Task, use_chat: bool = True) -> list[str]:
+    """Greedy answers to the task's test inputs, from its demonstrations in context."""
+    prompts = [render(tokenizer, task.train, g, use_chat) for g in task.test]
+    # a blank line ends the grid (grids.decode reads no further): decoding stops there
+    done = complete(model, tokenizer, prompts, Sampling(max_new_tokens=answer_tokens(task), stop=("\n\n",)),
+                    batch_size=len(prompts))
+    return [c.text for c in done]
+
+
+def verdicts(task: Task, answers: list[str]) -> list[dict[str, Any]] | None:
+    if task.solutions is None:
+        return None
+    return [dataclasses.asdict(check(a, gold)) for a, gold in zip(answers, task.solutions)]
+
+
 @dataclass
 class Solved:
     outputs: list[Grid | None]  # per test input: the answer's grid (None: not a grid)
@@ -58,43 +137,25 @@ class Solved:
     train: dict[str, Any]  # sequences, left out, loss, seconds
     seconds: float
 
+    @property
+    def solved(self) -> bool | None:
+        """Every test input answered right (None: no solutions to check against)."""
+        return None if self.verdicts is None else all(v["correct"] for v in self.verdicts)
+
 
 def solve(model, tokenizer, task: Task, recipe: Recipe | None, lora: LoraConfig, train: TrainConfig, *,
-          use_chat: bool = True, seed: int = 0, context: int | None = None) -> Solved:
+          use_chat: bool = True, seed: int = 0, context: int | None = None, budget_s: float | None = None,
+          keep: Callable[[Any], None] | None = None) -> Solved:
     """Train on the task's demonstrations as `recipe` says, answer its test inputs,
     and take the adapter off again (`model` is left exactly as it was). No recipe:
-    the demonstrations in context only (the paper's ICL condition)."""
+    the demonstrations in context only (the paper's ICL condition). `keep(adapted)`
+    is called with the trained model before its adapter is taken off (to save it)."""
     t0 = time.perf_counter()
-    every = examples(task, recipe, tokenizer, use_chat) if recipe is not None else []
-
-    def tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-    fitting = [e for e in every if tokens(e.text) <= train.max_length]
-    stats_out: dict[str, Any] = {"sequences": len(fitting), "left_out_too_long": len(every) - len(fitting)}
-    if recipe is not None:
-        stats_out.update(lr=recipe.lr, epochs=recipe.epochs, loss_on=recipe.loss_on)
-    room = answer_tokens(task)
-    prompts = [render(tokenizer, task.train, g, use_chat) for g in task.test]
-    for g, p in zip(task.test, prompts):
-        if context is not None and tokens(p) + room > context:
-            raise ValueError(f"task {task.id}: a {shape(g)[0]}x{shape(g)[1]} test input's prompt takes "
-                             f"{tokens(p)} tokens and its answer up to {room}: over the model's {context}")
-    adapted = None
-    if fitting:
-        recipe_train = dataclasses.replace(train, lr=recipe.lr, epochs=recipe.epochs, loss_on=recipe.loss_on)
-        adapted, stats = train_adapter(model, tokenizer, fitting, lora, recipe_train, seed=seed, append_eos=True)
-        stats_out.update(final_loss=stats.final_loss, train_seconds=round(stats.seconds, 2))
-    try:
-        # a blank line ends the grid (grids.decode reads no further): decoding stops there
-        done = complete(adapted if adapted is not None else model, tokenizer, prompts,
-                        Sampling(max_new_tokens=room, stop=("\n\n",)), batch_size=len(prompts))
-    finally:
-        if adapted is not None:
-            adapted.unload()
-    answers = [c.text for c in done]
-    verdicts = None
-    if task.solutions is not None:
-        verdicts = [dataclasses.asdict(check(a, gold)) for a, gold in zip(answers, task.solutions)]
-    return Solved([decode(a).grid for a in answers], answers, verdicts, stats_out,
+    check_fits(task, tokenizer, context, use_chat)
+    with adapted(model, tokenizer, task, recipe, lora, train, use_chat=use_chat, seed=seed,
+                 budget_s=budget_s) as (m, stats):
+        answers = answer(m, tokenizer, task, use_chat)
+        if keep is not None and m is not model:
+            keep(m)
+    return Solved([decode(a).grid for a in answers], answers, verdicts(task, answers), stats,
                   round(time.perf_counter() - t0, 2))

@@ -1,5 +1,11 @@
 """The model writes an ARC task's recipe (its self-edit), prompted by the recipe
-policy (`policies/arc-recipe.toml`, the SEAL authors' prompt)."""
+policy (`policies/arc-recipe.toml`, the SEAL authors' prompt).
+
+With `constrained = true` (the shipped policy) decoding is held to the
+recipe's JSON schema, so every sample that ends is a recipe: the model
+chooses the values, not the syntax. SmolLM2-135M wrote no valid recipe
+unconstrained (BENCHMARKS.md), which left ReSTEM nothing to reward.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +24,12 @@ class RecipePolicy:
     name: str
     system: str
     user: str  # with {task}
-    sampling: Sampling
+    sampling: Sampling  # with the recipe's schema when the policy is constrained
     attempts: int  # samples until one parses
+
+    @property
+    def constrained(self) -> bool:
+        return self.sampling.json_schema is not None
 
 
 def load_recipe_policy(path: Path) -> RecipePolicy:
@@ -34,7 +44,8 @@ def load_recipe_policy(path: Path) -> RecipePolicy:
         policy = RecipePolicy(
             name=str(data["name"]), system=str(data["system"]), user=str(data["user"]),
             sampling=Sampling(max_new_tokens=int(s.get("max_new_tokens", 160)),
-                              temperature=float(s.get("temperature", 1.0)), top_p=float(s.get("top_p", 0.95))),
+                              temperature=float(s.get("temperature", 1.0)), top_p=float(s.get("top_p", 0.95)),
+                              json_schema=recipes.SCHEMA if _flag(s.get("constrained", False), path) else None),
             attempts=max(1, int(s.get("attempts", 3))),
         )
         policy.user.format(task="")
@@ -43,6 +54,12 @@ def load_recipe_policy(path: Path) -> RecipePolicy:
     except (TypeError, ValueError) as e:
         raise PolicyError(f"{path}: {e}") from None
     return policy
+
+
+def _flag(value, path: Path) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(f"{path}: sampling.constrained must be true or false, not {value!r}")
+    return value
 
 
 def recipe_prompt(policy: RecipePolicy, tokenizer, task: Task, use_chat: bool) -> str:
@@ -59,13 +76,19 @@ class Written:
 def write_recipe(model, tokenizer, policy: RecipePolicy, task: Task, *, use_chat: bool = True,
                  seed: int = 0) -> Written:
     """Samples until one parses as a recipe (at most `policy.attempts`)."""
-    prompt = recipe_prompt(policy, tokenizer, task, use_chat)
     texts: list[str] = []
     parsed = recipes.Parsed(None, "no sample")
     for i in range(policy.attempts):
-        [text] = generate(model, tokenizer, [prompt], policy.sampling, seed=seed + i)
+        [text] = sample_recipes(model, tokenizer, policy, task, 1, use_chat=use_chat, seed=seed + i)
         texts.append(text)
         parsed = recipes.parse(text)
         if parsed.recipe is not None:
             break
     return Written(tuple(texts), parsed)
+
+
+def sample_recipes(model, tokenizer, policy: RecipePolicy, task: Task, k: int, *, use_chat: bool = True,
+                   seed: int = 0) -> list[str]:
+    """k samples of the recipe prompt, drawn in one batch (ReSTEM's candidates)."""
+    prompt = recipe_prompt(policy, tokenizer, task, use_chat)
+    return generate(model, tokenizer, [prompt] * k, policy.sampling, seed=seed, batch_size=k)

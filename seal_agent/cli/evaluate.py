@@ -22,7 +22,7 @@ DATA_HELP = "SQuAD-style JSON/JSONL (default: eval.data in config.toml)."
 
 @click.group(name="eval")
 def eval_group() -> None:
-    """Measure how well the model learns (the SEAL paper's Table 2 ladder)."""
+    """Measure how well the model learns (the SEAL paper's Table 2 ladder on passages, Table 1 on ARC tasks)."""
 
 
 def _eval_options(f: Callable) -> Callable:
@@ -102,6 +102,69 @@ def _run_eval(ctx: click.Context, kind: str, as_json: bool, **options: Any) -> N
 def eval_squad(ctx: click.Context, as_json: bool, **options: Any) -> None:
     """Single-passage setting: each passage learned independently from the same model."""
     _run_eval(ctx, "squad", as_json, **options)
+
+
+class _ArcProgress:
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task = None
+
+    def __call__(self, stage: str, info: dict[str, Any]) -> None:
+        if stage == "start":
+            self.task = self.bar.add_task("eval arc", total=info["tasks"] * len(info["conditions"]))
+        elif stage == "task":
+            self.bar.update(self.task, description=f"{info['condition']}: task {info['index'] + 1}/{info['total']} "
+                                                   f"({info['task']})")
+        elif stage == "solved":
+            self.bar.advance(self.task)
+        elif stage == "condition":
+            logging.getLogger("seal_agent.eval").info("%s: %d/%d solved", info["condition"], info["solved"],
+                                                      info["n"])
+
+
+@eval_group.command("arc")
+@click.option("--data", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="ARC tasks: an ARC Prize challenges file or one task (default: arc.eval_data).")
+@click.option("--solutions", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Its solutions file (default: arc.eval_solutions with the default data).")
+@click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N tasks.")
+@click.option("--tasks", default=None, metavar="ID1,ID2,..", help="Use these tasks only.")
+@click.option("--conditions", default="icl,ttt-self,ttt-oracle,seal", show_default=True,
+              help="Comma-separated: icl, ttt-self, ttt-oracle, seal.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for recipe sampling and training.")
+@click.option("--policy-version", type=int, default=None,
+              help="ARC policy version of the seal condition (default: the promoted one).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for results.json and chart.png (default: STATE/eval/arc-TIME).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per condition (condition, solved, n, success_rate, seconds, tasks).")
+@global_options
+@click.pass_context
+@handle_errors
+def eval_arc(ctx: click.Context, data, solutions, n, tasks, conditions, seed, policy_version, out_dir,
+             as_json) -> None:
+    """The paper's Table 1 ladder on ARC tasks: in context, trained by the model's own
+    recipe, by the best of a fixed grid of recipes, and by the ReSTEM-trained policy's."""
+    from ..evaluation.arc import run_arc
+
+    agent = agent_of(ctx)
+    only = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    with progress_bar() as bar:
+        done = run_arc(agent, conditions, data=data, solutions=solutions, n=n, tasks=only, seed=seed,
+                       out_dir=out_dir, policy_version=policy_version, progress=_ArcProgress(bar))
+    if as_json:
+        for row in done.rows:
+            emit_json(row)
+        return
+    table = Table(title=f"eval arc: {done.rows[0]['n']} tasks of {done.data.name}")
+    for col in ("condition", "solved", "success", "95% CI", "failures", "seconds"):
+        table.add_column(col)
+    for r in done.rows:
+        fails = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items())) or "-"
+        table.add_row(r["condition"], f"{r['solved']}/{r['n']}", f"{r['success_rate']:.0%}",
+                      f"{r['ci95'][0]:.0%}-{r['ci95'][1]:.0%}", fails, f"{r['seconds']:.0f}")
+    out.print(table)
+    out.print(f"results: {done.files['results']}\nchart:   {done.files['chart']}", highlight=False)
 
 
 @eval_group.command("cpt")

@@ -54,6 +54,14 @@ class _LearnProgress:
 
 
 def _print_learn(report: dict[str, Any]) -> None:
+    if report.get("kind") == "arc":
+        checked = f", {report['solved']} of {report['checked']} solved" if report["checked"] else ""
+        skills = ", ".join(f"s{s:04d}" for s in report["skills"]) or "none"
+        out.print(f"[bold]{report['document']}[/bold]: {report['tasks']} ARC task(s){checked}; "
+                  f"skill module(s) {skills}; {report['seconds']:.1f}s", highlight=False)
+        for r in report["results"]:
+            _print_task(r)
+        return
     qa = report.get("qa")
     parts = [
         f"[bold]{report['document']}[/bold] ({report['title']}): "
@@ -105,7 +113,8 @@ def learn(ctx: click.Context, paths: tuple[Path, ...], max_passages: int | None,
     Each PATH is a .txt, .md, .html, .pdf or SQuAD-style .json/.jsonl file, or
     a directory of them. Every passage gets a self-edit and a LoRA update that
     is merged into the live model as a new version. Files with questions also
-    report accuracy on them before and after.
+    report accuracy on them before and after. An ARC task file (.json, docs/arc.md)
+    is solved instead, and each task's trained adapter kept as a skill module.
     """
     from ..agent import expand_paths
 
@@ -299,13 +308,22 @@ def solve(ctx: click.Context, tasks: Path, solutions: Path | None, recipe: str |
         if as_json:
             emit_json(r)
             continue
-        if "refused" in r and "self_edit" not in r:
-            err.print(f"{r['task']}: refused: {r['refused']}", highlight=False)
-            continue
-        edit = r["self_edit"]
+        _print_task(r)
+
+
+def _print_task(r: dict[str, Any]) -> None:
+    if "refused" in r:
+        err.print(f"{r['task']}: refused: {r['refused']}", highlight=False)
+        return
+    edit = r["self_edit"]
+    if r["trained"]:
         how = (f"trained on {r['train']['sequences']} sequences ({edit['recipe']['epochs']} epochs, "
-               f"lr {edit['recipe']['lr']})" if r["trained"] else f"not trained: {edit['refused']}")
-        verdicts = ", ".join(v["reason"] for v in r["verdicts"]) if r["verdicts"] else "no solution to check"
-        out.print(f"{r['task']}: {how}; {verdicts} ({r['seconds']} s)", highlight=False)
-        for answer in r["answers"]:
-            out.print(answer, highlight=False)
+               f"lr {edit['recipe']['lr']})")
+    elif edit and edit["recipe"]:
+        how = f"not trained: all {r['train']['left_out_too_long']} sequences over train.max_length"
+    else:
+        how = f"not trained: {edit['refused'] if edit else 'no recipe'}"
+    verdicts = ", ".join(v["reason"] for v in r["verdicts"]) if r["verdicts"] else "no solution to check"
+    out.print(f"{r['task']}: {how}; {verdicts} ({r['seconds']} s)", highlight=False)
+    for answer in r["answers"]:
+        out.print(answer, highlight=False)

@@ -35,32 +35,38 @@ class _RestemProgress:
 
 
 @click.command("restem")
+@click.option("--domain", type=click.Choice(["knowledge", "arc"]), default="knowledge", show_default=True,
+              help="knowledge: the active self-edit policy on passages; arc: the recipe policy on ARC tasks.")
 @click.option("--contexts", type=int, default=None, help="Training contexts this round (default: restem.contexts).")
 @click.option("--samples", type=int, default=None, help="Self-edits sampled per context (default: restem.samples).")
 @click.option("--seeds", type=int, default=None, help="Inner-loop seeds per self-edit (default: restem.seeds).")
 @click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="SQuAD-style file whose passages are contexts too (repeatable; default: restem.data).")
+              help="Contexts besides the daemon's own (repeatable): SQuAD-style files (default: restem.data); "
+                   "with --domain arc, ARC task files (default: arc.data).")
 @click.option("--json", "as_json", is_flag=True, help="Print the round's record as one JSON object.")
 @global_options
 @click.pass_context
 @handle_errors
-def restem_cmd(ctx: click.Context, contexts: int | None, samples: int | None, seeds: int | None,
+def restem_cmd(ctx: click.Context, domain: str, contexts: int | None, samples: int | None, seeds: int | None,
                data: tuple[Path, ...], as_json: bool) -> None:
-    """Run one ReSTEM refresh of the self-edit policy now and print its record."""
+    """Run one ReSTEM refresh of a self-edit policy now and print its record."""
     agent = agent_of(ctx)
     agent.own()
     progress = _RestemProgress()
     with progress.bar:
-        record = agent.restem(contexts=contexts, samples=samples, seeds=seeds, data=list(data),
+        record = agent.restem(domain=domain, contexts=contexts, samples=samples, seeds=seeds, data=list(data),
                               progress=progress)
     if as_json:
         emit_json(record)
         return
     rewards = [r["reward"] for r in record["rewards"] if r["reward"] is not None]
-    lines = [f"ReSTEM round {record['round']} ({record['policy']}, reward {record['reward_kind']}): "
+    lines = [f"ReSTEM round {record['round']} ({record['policy']}, {record['domain']}, "
+             f"reward {record['reward_kind']}): "
              f"{len(record['contexts'])} contexts x {record['samples_per_context']} samples, "
              f"{len(record['winners'])} winners",
              f"  mean reward {sum(rewards) / len(rewards):+.3f}" if rewards else "  no rewards"]
+    for r in record.get("refused_contexts", []):
+        lines.append(f"  not a context: {r['task']} ({r['source']}): {r['reason']}")
     if record.get("stopped_early"):
         lines.append(f"  {record['stopped_early']}")
     if record["sft"]:
@@ -81,19 +87,21 @@ def policy() -> None:
 
 
 @policy.command("list")
+@click.option("--domain", type=click.Choice(["knowledge", "arc"]), default="knowledge", show_default=True,
+              help="Whose line: the active self-edit policy's, or the ARC recipe policy's.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
 @global_options
 @click.pass_context
 @handle_errors
-def policy_list(ctx: click.Context, as_json: bool) -> None:
-    """The active policy's versions (0 = its prompt alone); * marks the promoted one."""
-    agent = agent_of(ctx)
-    rows = agent.policy_versions.rows()
+def policy_list(ctx: click.Context, domain: str, as_json: bool) -> None:
+    """The policy's versions (0 = its prompt alone); * marks the promoted one."""
+    versions = agent_of(ctx).versions_of(domain)
+    rows = versions.rows()
     if as_json:
         for r in rows:
             emit_json(r)
         return
-    table = Table(title=f"policy {agent.policy.name}")
+    table = Table(title=f"policy {versions.policy}")
     for col in ("", "version", "parent", "created", "round", "winners", "held-out old -> new"):
         table.add_column(col)
     for r in rows:
@@ -105,23 +113,27 @@ def policy_list(ctx: click.Context, as_json: bool) -> None:
 
 @policy.command("show")
 @click.argument("version", type=int)
+@click.option("--domain", type=click.Choice(["knowledge", "arc"]), default="knowledge", show_default=True,
+              help="Whose line: the active self-edit policy's, or the ARC recipe policy's.")
 @global_options
 @click.pass_context
 @handle_errors
-def policy_show(ctx: click.Context, version: int) -> None:
+def policy_show(ctx: click.Context, version: int, domain: str) -> None:
     """A policy version's manifest (its round, winners, held-out result) as JSON."""
-    emit_json(agent_of(ctx).policy_versions.manifest(version))
+    emit_json(agent_of(ctx).versions_of(domain).manifest(version))
 
 
 @policy.command("rollback")
 @click.argument("version", type=int)
+@click.option("--domain", type=click.Choice(["knowledge", "arc"]), default="knowledge", show_default=True,
+              help="Whose line: the active self-edit policy's, or the ARC recipe policy's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @global_options
 @click.pass_context
 @handle_errors
-def policy_rollback(ctx: click.Context, version: int, as_json: bool) -> None:
+def policy_rollback(ctx: click.Context, version: int, domain: str, as_json: bool) -> None:
     """Make policy VERSION the one that writes self-edits (0 = the prompt alone)."""
-    result = agent_of(ctx).policy_rollback(version)
+    result = agent_of(ctx).policy_rollback(version, domain)
     if as_json:
         emit_json(result)
     else:

@@ -242,14 +242,18 @@ class VllmEngine:
     # -- decoding ----------------------------------------------------------------------
     def _params(self, sampling: Sampling, seed: int | None, delta: bool = False):
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         sampled = sampling.temperature > 0
+        schema = None
+        if sampling.json_schema is not None:  # as the torch engine's grammar: no free whitespace
+            schema = StructuredOutputsParams(json=sampling.json_schema, disable_any_whitespace=True)
         return SamplingParams(
             max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p if sampled else 1.0, top_k=self.top_k if sampled else 0,
             stop=list(sampling.stop) or None, stop_token_ids=self.eos, seed=seed, skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=schema,
         )
 
     def _prompt(self, prompt: str):

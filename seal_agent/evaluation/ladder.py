@@ -238,7 +238,8 @@ def write_outputs(run: EvalRun, out_dir: Path, meta: dict[str, Any]) -> dict[str
     return {"answers": answers, "results": results, "chart": chart}
 
 
-def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def bar_chart(rows: list[dict[str, Any]], path: Path, title: str,
+              ylabel: str = "no-context accuracy (%)  [95% Wilson CI]") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +254,7 @@ def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for bar, value, r in zip(bars, acc, rows):
         ax.text(bar.get_x() + bar.get_width() / 2, 1, f"{value:.1f}%\nn={r['n']}", ha="center", va="bottom",
                 fontsize=8, color="white")
-    ax.set_ylabel("no-context accuracy (%)  [95% Wilson CI]")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", labelrotation=15, labelsize=8)

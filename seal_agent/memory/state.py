@@ -160,6 +160,19 @@ SCHEMA = [
     );
     CREATE INDEX module_keys_module ON module_keys(module_id);
     """,
+    # 6: skill modules (issue 21): the ARC tasks the daemon was given (memory/skills.py).
+    """
+    CREATE TABLE skills (
+        id INTEGER PRIMARY KEY,        -- adapters/skills/s<id> when adapter = 1
+        document_id INTEGER REFERENCES documents(id),
+        task_id TEXT NOT NULL,
+        task TEXT NOT NULL,            -- JSON: demonstrations, test inputs, solutions if given
+        adapter INTEGER NOT NULL,      -- 1: the trained adapter is kept, 0: nothing was trained
+        created_at TEXT NOT NULL,
+        record TEXT NOT NULL           -- JSON: self-edit, answers, verdicts, training, seconds
+    );
+    CREATE INDEX skills_document ON skills(document_id);
+    """,
 ]
 
 

@@ -34,6 +34,9 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    # A JSON schema (as JSON text) every completion must match: decoding is constrained
+    # to it token by token (model/constrained.py; vLLM's structured outputs).
+    json_schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,12 @@ def generate_kwargs(tokenizer, sampling: Sampling) -> dict:
     if sampling.stop:
         kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
     return kwargs
+
+
+def _constrained_kwargs(model, tokenizer, sampling: Sampling) -> dict:
+    from .constrained import json_processor
+
+    return {"logits_processor": [json_processor(model, tokenizer, sampling.json_schema)]}
 
 
 def common_prefix(rows: list[list[int]]) -> int:
@@ -402,7 +411,15 @@ def complete(
                     cache = _cache(model, sampling.max_new_tokens)
                     if cache is not None:
                         enc["past_key_values"] = cache
-                if plain_greedy(model) if sampling.temperature == 0 else plain_sampling(model):
+                # A schema's grammar masks every row of the batch at every step: model.generate's loop
+                # (the masker is a logits processor), not ours, whose finished rows leave the batch.
+                constrained = sampling.json_schema is not None
+                if constrained:
+                    kwargs = {**generate_kwargs(tokenizer, sampling),
+                              **_constrained_kwargs(model, tokenizer, sampling)}
+                    out = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
+                    new = [_written(row, eos, tokenizer.pad_token_id) for row in out.tolist()]
+                elif plain_greedy(model) if sampling.temperature == 0 else plain_sampling(model):
                     finished = None
                     if done is not None or sampling.stop:
                         def finished(i: int, tokens: list[int], at: int = start) -> bool:

@@ -1,7 +1,9 @@
 """A ReSTEM refresh as seal-agent runs it: the I/O around the loop in loop.py.
 
-Gathers contexts (the replay bank's learned passages, newest first, plus
-SQuAD-style files from --data or restem.data), splits off the held-out slice,
+Gathers a domain's contexts (knowledge: the replay bank's learned passages,
+newest first, plus SQuAD-style files from --data or restem.data; ARC: the
+tasks the daemon has solved, plus task files from --data or arc.data), splits
+off the held-out slice,
 copies the live weights into a scratch model (the live model is never
 updated by a refresh), runs the round, stores a promoted adapter as the next
 policy version, and records the round in the round log (rounds.py). What a
@@ -11,24 +13,29 @@ round uses is handed in (`RoundDeps`, built by the composition root).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..arc.grids import GridError, Task, load_tasks
+from ..arc.writing import RecipePolicy
 from ..config import Config, RestemConfig
 from ..documents import read_qa_passages
 from ..errors import SealError
 from ..memory.policy_versions import PolicyVersions
 from ..memory.replay import ReplayBank
 from ..memory.state import State
-from ..model.loader import train_dtype
+from ..model.loader import context_length, train_dtype
 from ..policy import Policy
 from ..progress import Progress
 from . import loop as restem
+from .arc import ArcDomain
+from .arc import contexts as arc_contexts
 from .knowledge import KnowledgeContext, KnowledgeDomain, bank_contexts, file_contexts
 from .rounds import RoundLog
 
@@ -40,13 +47,20 @@ class RoundDeps:
     cfg: Config
     state: State  # the live version's lineage and the passages the bank refers to
     rounds: RoundLog
-    policy: Policy  # the active policy file, whose line of versions the round extends
-    versions: PolicyVersions
+    versions: PolicyVersions  # the line of policy versions the round extends (its policy's name)
     model: Any  # the live weights: copied into a scratch model, never changed themselves
     tokenizer: Any
     knowledge_version: int  # the version `model` holds
-    bank: ReplayBank | None  # None: replay is off, the contexts come from files only
     sampler: Any = None  # what writes the candidates: a vLLM view on the live weights, or None (`model`)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A domain and the contexts a round chooses from."""
+
+    domain: restem.Domain
+    contexts: list[Any]
+    facts: dict[str, Any] = field(default_factory=dict)  # for the record (contexts refused, say)
 
 
 def round_config(base: RestemConfig, *, contexts: int | None, samples: int | None,
@@ -67,35 +81,68 @@ def data_contexts(paths: list[Path], max_questions: int) -> list[KnowledgeContex
             for c in file_contexts(read_qa_passages(path, "ReSTEM"), Path(path).name, max_questions)]
 
 
-def run_round(deps: RoundDeps, rcfg: RestemConfig, *, data: list[Path], should_stop: Callable[[], bool],
-              progress: Progress) -> dict[str, Any]:
-    """One round with the settings `rcfg` (see `round_config`); returns its record."""
+def knowledge_pool(deps: RoundDeps, rcfg: RestemConfig, policy: Policy, bank: ReplayBank | None,
+                   data: list[Path]) -> Pool:
+    """The replay bank's learned passages (newest first), then the passages of `data`
+    (default: restem.data)."""
     cfg = deps.cfg
     data = data or [cfg.root / p for p in rcfg.data]
+    lineage = deps.state.lineage(deps.knowledge_version)
+    contexts = (bank_contexts(deps.state, bank, lineage, rcfg.max_questions) if bank is not None else []) \
+        + data_contexts(data, rcfg.max_questions)
+    return Pool(KnowledgeDomain(cfg, deps.tokenizer, policy, bank, lineage, deps.knowledge_version), contexts)
+
+
+def arc_pool(deps: RoundDeps, policy: RecipePolicy, solved: list[tuple[Task, int]], data: list[Path]) -> Pool:
+    """The tasks the daemon has solved (`solved`: each with its recency, newest
+    first), then the tasks of `data` (default: arc.data). A task that cannot be a
+    context (one demonstration, over the model's context) is left out, with why."""
+    cfg = deps.cfg
+    data = data or [cfg.root / p for p in cfg.arc.data]
+    context = context_length(deps.model, deps.tokenizer)
+    use_chat = cfg.model.use_chat_template
+    pool, refused = [], []
+    for task, recency in solved:
+        ok, left = arc_contexts([task], "inbox", deps.tokenizer, context, use_chat)
+        pool += [dataclasses.replace(c, recency=recency) for c in ok]
+        refused += left
+    for path in data:
+        try:
+            tasks = load_tasks(path)
+        except GridError as e:
+            raise SealError(f"ReSTEM's ARC data {path}: {e}") from None
+        ok, left = arc_contexts(tasks, Path(path).name, deps.tokenizer, context, use_chat)
+        pool += ok
+        refused += left
+    unique: dict[str, Any] = {}
+    for c in pool:  # a task given twice is one context: its first (newest) appearance
+        unique.setdefault(c.id, c)
+    return Pool(ArcDomain(cfg, deps.tokenizer, policy), list(unique.values()), {"refused_contexts": refused})
+
+
+def run_round(deps: RoundDeps, rcfg: RestemConfig, pool: Pool, *, should_stop: Callable[[], bool],
+              progress: Progress) -> dict[str, Any]:
+    """One round of `pool`'s domain with the settings `rcfg` (see `round_config`); returns its record."""
+    cfg = deps.cfg
     t0 = time.perf_counter()
     versions = deps.versions
-    policy = deps.policy.name
-    lineage = deps.state.lineage(deps.knowledge_version)
-    bank = deps.bank
-    pool = (bank_contexts(deps.state, bank, lineage, rcfg.max_questions) if bank is not None else []) \
-        + data_contexts(data, rcfg.max_questions)
-    train_ctx, heldout_ctx = restem.select(pool, deps.rounds.uses(policy), rcfg.contexts, rcfg.heldout_contexts,
-                                           rcfg.heldout_fraction)
+    policy = versions.policy
+    train_ctx, heldout_ctx = restem.select(pool.contexts, deps.rounds.uses(policy), rcfg.contexts,
+                                           rcfg.heldout_contexts, rcfg.heldout_fraction)
     parent = versions.active()
     round_id, started = deps.rounds.start(policy)
-    domain = KnowledgeDomain(cfg, deps.tokenizer, deps.policy, bank, lineage, deps.knowledge_version)
     settings = restem.Settings(restem=rcfg, lora=cfg.lora, train=cfg.train, train_dtype=train_dtype(cfg),
                                seed=cfg.model.seed + round_id)
     scratch = copy.deepcopy(deps.model)  # every candidate is put on and taken off this copy
     work = Path(tempfile.mkdtemp(prefix=f".restem-{round_id}-", dir=cfg.state_dir))
     try:
-        rnd = restem.refresh(domain, scratch, deps.tokenizer, train_ctx, heldout_ctx, settings,
+        rnd = restem.refresh(pool.domain, scratch, deps.tokenizer, train_ctx, heldout_ctx, settings,
                              versions.adapter_dir(parent), work, should_stop=should_stop, progress=progress,
                              sampler=deps.sampler)
-        record = {"round": round_id, "policy": policy, "started_at": started,
+        record = {"round": round_id, "policy": policy, "domain": pool.domain.name, "started_at": started,
                   "knowledge_version": deps.knowledge_version, "parent_policy_version": parent,
                   "reward_kind": rcfg.reward, "samples_per_context": rcfg.samples, "seeds": rcfg.seeds,
-                  "pool": len(pool), **rnd.as_dict()}
+                  "pool": len(pool.contexts), **pool.facts, **rnd.as_dict()}
         version = parent
         if rnd.decision == "promoted":
             manifest = {k: record[k] for k in ("knowledge_version", "reward_kind", "heldout", "sft", "reason")}
