@@ -7,7 +7,7 @@ on a cycle):
     errors, config,      what every layer may use: user-facing errors, typed config,
     progress             the progress callback long jobs report through
     documents, model/,   files -> passages; transformers/peft mechanics;
-    arc/                 ARC grids, augmentations and recipes (pure)
+    arc/                 ARC grids, augmentations, recipes, test-time training
     engine/              what decodes: the torch model itself, or vLLM serving the same weights
     policy               policy files -> prompts and training examples
     qa/                  asking questions, grading answers, writing questions

@@ -217,6 +217,10 @@ class ArcConfig:
     # Seconds of test-time training one task may take; past it the training stops
     # and the task (or ReSTEM candidate) counts as not solved, with that reason.
     budget_s: float = 900.0
+    # Answer each test input under the six basic views too (rotations, flips,
+    # transposition), map the answers back and take the most common grid, as
+    # test-time training papers do; seven answers' decoding instead of one.
+    vote: bool = False
 
 
 @dataclass

@@ -137,6 +137,31 @@ def test_training_past_its_budget_is_stopped_and_leaves_the_model_as_it_was(arc_
     assert weights_fingerprint(model) == before
 
 
+def test_voting_takes_the_most_common_grid_and_the_plain_answer_on_a_tie():
+    a, b, c = grid([[1]]), grid([[2]]), grid([[3]])
+    assert ttt.majority({"plain": a, "rotate90": b, "rotate180": b, "flip_updown": None}) == b
+    assert ttt.majority({"plain": a, "rotate90": b, "rotate180": a, "transpose": b}) == a  # a tie: plain's
+    assert ttt.majority({"plain": None, "rotate90": c, "rotate180": b}) == c  # a tie without plain: the first
+    assert ttt.majority({"plain": None, "rotate90": None}) is None
+
+
+def test_voting_answers_every_view_and_maps_each_back(arc_tiny_dir, tiny_cfg):
+    """On a task the trained model solves, every view's answer (a 1x1 grid, the same
+    under any rotation) is mapped back and the vote is that grid."""
+    from seal_agent.arc import augment
+    from seal_agent.model.loader import load_model, load_tokenizer
+
+    model, tok = load_model(arc_tiny_dir, tiny_cfg), load_tokenizer(arc_tiny_dir)
+    task = constant_task("c", 7, 1)
+    solved = ttt.solve(model, tok, task, recipe.parse(FAST).recipe, tiny_cfg.lora, tiny_cfg.train, voting=True)
+    [poll] = solved.votes
+    assert set(poll) == {"plain", *(a.name for a in augment.BASIC)}
+    assert solved.answers == ["7"] and solved.solved
+    assert sum(g == [[7]] for g in poll.values()) > len(poll) / 2
+    plain = ttt.solve(model, tok, task, recipe.parse(FAST).recipe, tiny_cfg.lora, tiny_cfg.train)
+    assert plain.votes is None
+
+
 # -- ReSTEM on ARC --------------------------------------------------------------
 
 def test_a_restem_round_on_arc_tasks_rewards_recipes_that_solve_the_held_out_demonstration(

@@ -123,6 +123,39 @@ def answer(model, tokenizer, task: Task, use_chat: bool = True) -> list[str]:
     return [c.text for c in done]
 
 
+def vote(model, tokenizer, task: Task, answers: list[str], use_chat: bool = True,
+         ) -> tuple[list[str], list[dict[str, Any]]]:
+    """Each test input answered again under every basic view (the task rotated,
+    flipped, transposed: demonstrations and input alike), each answer mapped back,
+    and the most common grid taken; on a tie, the plain answer's, if it is among
+    the most common. Returns the answers (a voted grid as its text) and, per test
+    input, each view's grid (None: not a grid)."""
+    views = [(a, Task(task.id, tuple(Pair(a(p.input), a(p.output)) for p in task.train),
+                      tuple(a(g) for g in task.test))) for a in augment.BASIC]
+    polls: list[dict[str, Any]] = [{"plain": decode(a).grid} for a in answers]
+    for aug, view in views:
+        for poll, text in zip(polls, answer(model, tokenizer, view, use_chat)):
+            g = decode(text).grid
+            poll[aug.name] = aug.undo(g) if g is not None else None
+    voted = [plain if (best := majority(poll)) is None else encode(best) for plain, poll in zip(answers, polls)]
+    return voted, [{k: (list(map(list, g)) if g is not None else None) for k, g in p.items()} for p in polls]
+
+
+def majority(poll: dict[str, Grid | None]) -> Grid | None:
+    """The most common grid of a poll (view name -> grid; "plain" the unaugmented
+    answer's); on a tie the plain one if it is among the most common, else the
+    first view's in order. None: no view gave a grid."""
+    counts: dict[Grid, int] = {}
+    for g in poll.values():
+        if g is not None:
+            counts[g] = counts.get(g, 0) + 1
+    if not counts:
+        return None
+    top = max(counts.values())
+    plain = poll.get("plain")
+    return plain if counts.get(plain) == top else next(g for g, n in counts.items() if n == top)
+
+
 def verdicts(task: Task, answers: list[str]) -> list[dict[str, Any]] | None:
     if task.solutions is None:
         return None
@@ -136,6 +169,7 @@ class Solved:
     verdicts: list[dict[str, Any]] | None  # per test input, where the solution is known
     train: dict[str, Any]  # sequences, left out, loss, seconds
     seconds: float
+    votes: list[dict[str, Any]] | None = None  # per test input, each view's grid (when voting)
 
     @property
     def solved(self) -> bool | None:
@@ -145,17 +179,21 @@ class Solved:
 
 def solve(model, tokenizer, task: Task, recipe: Recipe | None, lora: LoraConfig, train: TrainConfig, *,
           use_chat: bool = True, seed: int = 0, context: int | None = None, budget_s: float | None = None,
-          keep: Callable[[Any], None] | None = None) -> Solved:
+          keep: Callable[[Any], None] | None = None, voting: bool = False) -> Solved:
     """Train on the task's demonstrations as `recipe` says, answer its test inputs,
     and take the adapter off again (`model` is left exactly as it was). No recipe:
     the demonstrations in context only (the paper's ICL condition). `keep(adapted)`
-    is called with the trained model before its adapter is taken off (to save it)."""
+    is called with the trained model before its adapter is taken off (to save it).
+    `voting`: the answers voted over the basic views (`vote`)."""
     t0 = time.perf_counter()
     check_fits(task, tokenizer, context, use_chat)
     with adapted(model, tokenizer, task, recipe, lora, train, use_chat=use_chat, seed=seed,
                  budget_s=budget_s) as (m, stats):
         answers = answer(m, tokenizer, task, use_chat)
+        polls = None
+        if voting:
+            answers, polls = vote(m, tokenizer, task, answers, use_chat)
         if keep is not None and m is not model:
             keep(m)
     return Solved([decode(a).grid for a in answers], answers, verdicts(task, answers), stats,
-                  round(time.perf_counter() - t0, 2))
+                  round(time.perf_counter() - t0, 2), polls)

@@ -134,8 +134,15 @@ def run_arc(agent: SealAgent, conditions: str, *, data: Path | None = None, solu
     oracle = [Written((text,), parse(text)) for text in ORACLE]
     t_start = datetime.now()
     progress("start", {"tasks": len(chosen), "conditions": conds})
-    rows = []
+    rows: list[dict[str, Any]] = []
     for condition in conds:
+        done = {r["condition"]: r for r in rows}
+        if condition == "seal" and seal_version == 0 and "ttt-self" in done:
+            # The same policy version, prompts and seed as ttt-self: its results, not a second run.
+            rows.append({**done["ttt-self"], "condition": "seal", "same_as": "ttt-self",
+                         "note": "no promoted ARC policy version: seal is ttt-self"})
+            progress("condition", rows[-1])
+            continue
         t0 = time.perf_counter()
         results = []
         for i, task in enumerate(chosen):

@@ -60,7 +60,7 @@ class Solver:
         try:
             solved = ttt.solve(self.model, self.tokenizer, task, chosen, self.cfg.lora, self.cfg.train,
                                use_chat=self.cfg.model.use_chat_template, seed=seed, context=self.context,
-                               budget_s=self.cfg.arc.budget_s, keep=keep)
+                               budget_s=self.cfg.arc.budget_s, keep=keep, voting=self.cfg.arc.vote)
         except (ValueError, ttt.OverBudget) as e:  # over the model's context, or over the time budget
             return {"task": task.id, "refused": str(e), "self_edit": _self_edit(written, given, self.policy_label),
                     "solved": False if task.solutions is not None else None,
@@ -70,7 +70,8 @@ class Solver:
             "trained": chosen is not None and solved.train["sequences"] > 0,
             "outputs": [list(map(list, g)) if g else None for g in solved.outputs],
             "answers": solved.answers, "verdicts": solved.verdicts, "solved": solved.solved,
-            "train": solved.train, "seconds": round(time.perf_counter() - t0, 2),
+            "train": solved.train, **({"votes": solved.votes} if solved.votes is not None else {}),
+            "seconds": round(time.perf_counter() - t0, 2),
         }
 
 

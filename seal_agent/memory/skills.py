@@ -78,6 +78,9 @@ class SkillStore:
         """Every skill, newest first."""
         return [_skill(r) for r in self.state.query("SELECT * FROM skills ORDER BY id DESC")]
 
+    def count(self) -> int:
+        return int(self.state.query("SELECT COUNT(*) AS n FROM skills")[0]["n"])
+
     def of_document(self, document_id: int) -> list[Skill]:
         return [_skill(r) for r in self.state.query("SELECT * FROM skills WHERE document_id = ? ORDER BY id",
                                                     (document_id,))]

@@ -1,7 +1,7 @@
 """ReSTEM: one refresh of the self-edit policy (rejection sampling + SFT).
 
 The loop is domain-generic. A domain (knowledge incorporation is the first,
-`knowledge.py`; ARC-style recipe self-edits could be the next) says how to
+`knowledge.py`; ARC tasks with recipe self-edits, `arc.py`, the second) says how to
 prompt for a self-edit, sample it, parse it into an update, apply the update
 to a model (a context manager: the update is taken off on exit), score a
 model on a context, and optionally how much an update made the model forget.

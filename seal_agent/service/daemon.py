@@ -457,7 +457,7 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
     decisions = []
     for e in agent.events(200):
         if e["kind"] in ("learn.accepted", "learn.rejected", "learn.module", "consolidate", "consolidate.refused",
-                         "rollback", "restem.round", "policy.rollback"):
+                         "rollback", "restem.round", "policy.rollback", "skill"):
             f = (e["data"] or {}).get("forgetting") or {}
             decisions.append({"ts": e["ts"], "kind": e["kind"], "version": e["version"], "message": e["message"],
                               "forgetting": {k: f.get(k) for k in ("replay_n", "before", "after", "decision")}
@@ -480,5 +480,7 @@ def status(agent: SealAgent, queue: JobQueue, cfg: Config, pid: int | None, curr
         "memory": memory_status(agent, live),
         "policy": {"name": cfg.policy.active, "version": agent.policy_versions.active(),
                    "last_round": last_round[0] if last_round else None},
+        "arc": {"policy": cfg.arc.policy, "version": agent.arc_versions.active(),
+                "skills": agent.skills.count()},
         "schedules": next_runs,
     }
