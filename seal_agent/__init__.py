@@ -14,6 +14,7 @@ on a cycle):
     memory/              what is kept: the state database, adapters, versions, modules, the replay bank
     learning/            self-edits, the learners (a document -> a committed version), consolidation
     restem/              the outer loop that improves the self-edit policy
+    cluster/             ReSTEM's candidates on a pool of Ray actors
     agent                the composition root: builds the pieces from a Config
     service/             the daemon: queue, inbox, schedules, serving, the HTTP API
     evaluation/          the ladder, the continual run, the benchmark

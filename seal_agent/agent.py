@@ -310,13 +310,26 @@ class SealAgent:
         live = self.live
         deps = RoundDeps(cfg=self.cfg, state=self.state, rounds=RoundLog(self.state), versions=versions,
                          model=live.model, tokenizer=live.tokenizer, knowledge_version=live.version,
-                         sampler=self.vllm().view() if engine_for(self.cfg, "generate") == "vllm" else None)
+                         sampler=self.vllm().view() if engine_for(self.cfg, "generate") == "vllm" else None,
+                         executor=self._cluster_pool(live.base_dir))
         if domain == "arc":
             pool = arc_pool(deps, recipe_policy, [(s.task, s.id) for s in self.skills.all()], list(data))
         else:
             pool = knowledge_pool(deps, rcfg, self.policy, self.bank if self.cfg.replay.enabled else None,
                                   list(data))
         return run_round(deps, rcfg, pool, should_stop=should_stop, progress=progress)
+
+    def _cluster_pool(self, base_dir: Path):
+        """What builds a round's pool of workers (cluster.executor = "ray"); None: local."""
+        if self.cfg.cluster.executor != "ray":
+            return None
+
+        def pool(domain, model):
+            from .cluster.pool import RayPool, Rewards
+
+            return RayPool(self.cfg, base_dir, model, Rewards(domain.portable()))
+
+        return pool
 
     # -- ARC -----------------------------------------------------------------
     def recipe_policy(self):

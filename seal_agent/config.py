@@ -224,6 +224,22 @@ class ArcConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # Where ReSTEM's candidates are trained and scored (docs/cluster.md).
+    # "local": in this process, one after another. "ray": on a pool of Ray actors,
+    # each holding a replica of the weights, loaded once.
+    executor: str = "local"
+    # "": start a Ray instance on this machine for the run; "auto": join the cluster
+    # this machine belongs to; "host:port" or "ray://host:port": that cluster.
+    address: str = ""
+    workers: int = 2
+    worker_cpus: float = 1.0       # each worker's CPUs (its torch threads) ...
+    worker_gpus: float = 0.0       # ... and GPUs
+    # Seconds to reach a cluster's address before the refresh fails saying so.
+    connect_timeout_s: float = 10.0
+
+
+@dataclass
 class ReplayConfig:
     # The replay QA bank and the forgetting check before every merge.
     enabled: bool = True
@@ -416,6 +432,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     restem: RestemConfig = field(default_factory=RestemConfig)
     arc: ArcConfig = field(default_factory=ArcConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     adapter_log: AdapterLogConfig = field(default_factory=AdapterLogConfig)
     # Directory that relative paths in the config are resolved against.
     root: Path = field(default_factory=Path.cwd, repr=False)
@@ -454,6 +471,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "memory.mode": ("modules", "merge"),
     "inbox.after": ("move", "keep"),
     "restem.reward": ("train", "proxy", "both"),
+    "cluster.executor": ("local", "ray"),
     "restem.on_document": ("queue", "yield"),
 }
 
@@ -517,6 +535,8 @@ _BOUNDS: dict[str, Bound] = {
     "restem.replay_k": _AT_LEAST_0, "restem.lora_r": _AT_LEAST_1, "restem.lora_alpha": _AT_LEAST_1,
     "restem.epochs": _AT_LEAST_1, "restem.lr": _POSITIVE,
     "arc.budget_s": _POSITIVE,
+    "cluster.workers": _AT_LEAST_1, "cluster.worker_cpus": _POSITIVE, "cluster.worker_gpus": _AT_LEAST_0,
+    "cluster.connect_timeout_s": _POSITIVE,
     "adapter_log.snapshot_every": _AT_LEAST_0, "adapter_log.keep_snapshots": _AT_LEAST_0,
 }
 

@@ -101,6 +101,18 @@ def test_a_policy_says_whether_it_is_constrained(tmp_path):
     assert not load_recipe_policy(off).constrained
 
 
+def test_a_task_of_30x30_grids_is_refused_for_the_context_saying_how_many_tokens(tmp_path, arc_config):
+    """ARC's largest grids: three 30x30 demonstrations cannot fit 2,048 tokens; solve
+    says so per task and goes on to the next, which it answers."""
+    big = grid([[(r * 7 + c) % 10 for c in range(30)] for r in range(30)])
+    huge = Task("huge", tuple(Pair(big, big) for _ in range(3)), (big,), (big,))
+    data = task_file(tmp_path / "tasks.json", [huge, constant_task("small", 4, 0)])
+    first, second = json_lines(run(arc_config, "solve", str(data), "--recipe", SLOW, "--json"))
+    assert first["task"] == "huge" and "30x30 test input's prompt takes" in first["refused"]
+    assert "over the model's 2048" in first["refused"] and first["solved"] is False
+    assert second["task"] == "small" and "refused" not in second and second["trained"]
+
+
 # -- the reward's view of a task ------------------------------------------------
 
 def test_a_recipe_that_trains_enough_solves_the_held_out_demonstration(arc_tiny_dir, tiny_cfg):
@@ -172,8 +184,8 @@ def test_a_restem_round_on_arc_tasks_rewards_recipes_that_solve_the_held_out_dem
     line of its own (arc-recipe), the knowledge policy's line untouched."""
     from seal_agent.arc.grids import load_tasks
     from seal_agent.config import load_config
-    from seal_agent.restem.arc import context_id
     from seal_agent.model.loader import load_model, load_tokenizer
+    from seal_agent.restem.arc import context_id
 
     # the test outputs differ from every demonstration's: a reward that looked at them would be 0
     tasks = [constant_task(f"const{c}", c, c, answer=(c + 1) % 10) for c in (1, 4, 6, 7, 8, 9)]

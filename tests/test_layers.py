@@ -20,6 +20,7 @@ LAYERS = [
     {"memory"},
     {"learning"},
     {"restem"},
+    {"cluster"},
     {"agent"},
     {"service"},
     {"evaluation"},

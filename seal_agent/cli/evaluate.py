@@ -302,9 +302,10 @@ def _print_matrix(result: dict[str, Any], gate: str) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as one JSON object.")
-@click.option("--part", type=click.Choice(["all", "core", "engines"]), default="all", show_default=True,
+@click.option("--part", type=click.Choice(["all", "core", "engines", "restem"]), default="all", show_default=True,
               help="core: the inner loop, generation, QA, search, ingest, modules, API latency; "
-                   "engines: the torch engine and vLLM side by side (needs the vllm extra).")
+                   "engines: the torch engine and vLLM side by side (needs the vllm extra); "
+                   "restem: one small ReSTEM round locally and on Ray with 1 and 2 workers (the cluster extra).")
 @global_options
 @click.pass_context
 @handle_errors
@@ -312,10 +313,11 @@ def bench(ctx: click.Context, as_json: bool, part: str) -> None:
     """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest, API latency,
     and the two decoding engines.
 
-    core takes 7-10 minutes on 2 cores, engines about as long. Ratios (speedup,
-    fraction of peak, vLLM over torch) are measured in the same run, so they
-    hold on a noisy machine.
+    core takes 7-10 minutes on 2 cores, engines about as long, restem a few.
+    Ratios (speedup, fraction of peak, vLLM over torch, Ray over local) are
+    measured in the same run, so they hold on a noisy machine.
     """
+    from ..evaluation import cluster as cluster_bench
     from ..evaluation import engines as engines_bench
     from ..evaluation.bench import run_bench, summary
 
@@ -328,6 +330,8 @@ def bench(ctx: click.Context, as_json: bool, part: str) -> None:
         result.update(run_bench(agent.cfg, agent.policy, log=log))
     if part in ("all", "engines"):
         result.update(engines_bench.engines(agent.cfg, log=log))
+    if part in ("all", "restem"):
+        result.update(cluster_bench.restem_executors(agent.cfg, log=log))
     if as_json:
         emit_json(result)
         return
@@ -335,3 +339,5 @@ def bench(ctx: click.Context, as_json: bool, part: str) -> None:
         out.print(summary(result), highlight=False)
     if part in ("all", "engines"):
         out.print(engines_bench.summary(result), highlight=False)
+    if part in ("all", "restem"):
+        out.print(cluster_bench.summary(result), highlight=False)

@@ -76,6 +76,10 @@ def restem_cmd(ctx: click.Context, domain: str, contexts: int | None, samples: i
         lines.append(f"  held-out ({len(h['contexts'])} contexts): current policy {h['old']:+.3f}, "
                      f"new {h['new']:+.3f}")
     lines.append(f"  decision: {record['decision']} ({record['reason']}); policy version {record['policy_version']}")
+    if record.get("executor") == "ray":
+        per = ", ".join(f"{name} {w['jobs']} jobs {w['seconds']:.0f}s" + ("" if w["alive"] else " (died)")
+                        for name, w in record["per_worker"].items())
+        lines.append(f"  on Ray ({record['cluster_address']}): {per}; {len(record['reruns'])} candidates rerun")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in record["stage_seconds"].items())
     lines.append(f"  {record['seconds']:.0f}s ({stages})")
     out.print("\n".join(lines), highlight=False)

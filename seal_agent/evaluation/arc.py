@@ -14,6 +14,7 @@ fails is kept (parse, shape, cells; or refused: over the context or over
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -36,17 +37,14 @@ CONDITIONS = ("icl", "ttt-self", "ttt-oracle", "seal")
 # The oracle's grid: a cheap recipe without augmentations, the one that solved a task
 # in the first measurements (basic augmentations, lr 1e-3, 3 epochs), and a longer one
 # with more views. Loss on the output: the grid is what must be learned.
-ORACLE = (
-    '{"data_generation": {"use_basic_augmentations": false, "use_size_augmentations": false, '
-    '"use_chain_augmentations": false, "use_repeat_augmentations": false}, '
-    '"training": {"strategy": "train_using_output_tokens", "learning_rate": 0.003, "num_train_epochs": 5}}',
-    '{"data_generation": {"use_basic_augmentations": true, "use_size_augmentations": false, '
-    '"use_chain_augmentations": false, "use_repeat_augmentations": false}, '
-    '"training": {"strategy": "train_using_output_tokens", "learning_rate": 0.001, "num_train_epochs": 3}}',
-    '{"data_generation": {"use_basic_augmentations": true, "use_size_augmentations": false, '
-    '"use_chain_augmentations": true, "use_repeat_augmentations": false}, '
-    '"training": {"strategy": "train_using_output_tokens", "learning_rate": 0.001, "num_train_epochs": 2}}',
-)
+def _recipe(basic: bool, chain: bool, lr: float, epochs: int) -> str:
+    return json.dumps({"data_generation": {"use_basic_augmentations": basic, "use_size_augmentations": False,
+                                           "use_chain_augmentations": chain, "use_repeat_augmentations": False},
+                       "training": {"strategy": "train_using_output_tokens", "learning_rate": lr,
+                                    "num_train_epochs": epochs}})
+
+
+ORACLE = (_recipe(False, False, 0.003, 5), _recipe(True, False, 0.001, 3), _recipe(True, True, 0.001, 2))
 
 
 def parse_conditions(text: str) -> list[str]:
@@ -123,7 +121,9 @@ def run_arc(agent: SealAgent, conditions: str, *, data: Path | None = None, solu
             n: int | None = None, tasks: list[str] | None = None, seed: int = 0, out_dir: Path | None = None,
             policy_version: int | None = None, progress: Progress = no_progress) -> ArcLadder:
     """The ladder on `agent`'s live weights; results.json and chart.png go to
-    `out_dir` (default STATE/state/eval/arc-TIME)."""
+    `out_dir` (default STATE/state/eval/arc-TIME). With cluster.executor = "ray"
+    the (condition, task) cases are solved side by side on a pool of workers
+    (cluster/pool.py, `Cases` as its work); else here, one after another."""
     cfg = agent.cfg
     conds = parse_conditions(conditions)
     data, chosen = eval_tasks(cfg, data, solutions, n, tasks)
@@ -131,42 +131,83 @@ def run_arc(agent: SealAgent, conditions: str, *, data: Path | None = None, solu
     solvers = {"ttt-self": agent.solver(0)}
     if "seal" in conds:
         solvers["seal"] = agent.solver(seal_version)
-    oracle = [Written((text,), parse(text)) for text in ORACLE]
+    # seal with no promoted version is ttt-self (same policy, prompts, seed): its results, not a second run
+    copied = "seal" in conds and seal_version == 0 and "ttt-self" in conds
+    runs = [c for c in conds if not (copied and c == "seal")]
     t_start = datetime.now()
-    progress("start", {"tasks": len(chosen), "conditions": conds})
+    progress("start", {"tasks": len(chosen), "conditions": runs})
+    cases = [(c, t) for c in runs for t in chosen]
+    pool = None
+    if cfg.cluster.executor == "ray":  # the cluster of ReSTEM's rounds (docs/cluster.md)
+        from ..cluster.pool import RayPool
+
+        work = Cases({c: dataclasses.replace(s, model=None, writer=None) for c, s in solvers.items()})
+        pool = RayPool(cfg, agent.live.base_dir, agent.live.model, work)
+    try:
+        results, seconds, workers = _solve_cases(solvers, cases, chosen, seed, pool, progress)
+    finally:
+        if pool is not None:
+            pool.close()
     rows: list[dict[str, Any]] = []
-    for condition in conds:
-        done = {r["condition"]: r for r in rows}
-        if condition == "seal" and seal_version == 0 and "ttt-self" in done:
-            # The same policy version, prompts and seed as ttt-self: its results, not a second run.
-            rows.append({**done["ttt-self"], "condition": "seal", "same_as": "ttt-self",
-                         "note": "no promoted ARC policy version: seal is ttt-self"})
-            progress("condition", rows[-1])
-            continue
-        t0 = time.perf_counter()
-        results = []
-        for i, task in enumerate(chosen):
-            progress("task", {"condition": condition, "index": i, "total": len(chosen), "task": task.id})
-            if condition == "icl":
-                r = solvers["ttt-self"].solve(task, seed=seed, untrained=True)
-            elif condition == "ttt-oracle":
-                r = _oracle(solvers["ttt-self"], task, oracle, seed)
-            else:
-                r = solvers[condition].solve(task, seed=seed)
-            results.append(r)
-            progress("solved", {"condition": condition, "task": task.id, "solved": r["solved"]})
-        extra = {}
-        if condition in ("ttt-self", "seal"):
-            extra["policy"] = solvers[condition].policy_label
-        if condition == "seal" and seal_version == 0:
+    for c in runs:
+        mine = [i for i, (cc, _) in enumerate(cases) if cc == c]
+        extra: dict[str, Any] = {"policy": solvers[c].policy_label} if c in ("ttt-self", "seal") else {}
+        if c == "seal" and seal_version == 0:
             extra["note"] = "no promoted ARC policy version: seal samples as ttt-self does"
-        rows.append(condition_row(condition, results, time.perf_counter() - t0, extra))
+        rows.append(condition_row(c, [results[i] for i in mine], sum(seconds[i] for i in mine), extra))
         progress("condition", rows[-1])
+    if copied:
+        ttt_self = next(r for r in rows if r["condition"] == "ttt-self")
+        rows.insert(conds.index("seal"), {**ttt_self, "condition": "seal", "same_as": "ttt-self",
+                                           "note": "no promoted ARC policy version: seal is ttt-self"})
     out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"arc-{t_start:%Y%m%d-%H%M%S}"
     meta = {"data": str(data), "tasks": [t.id for t in chosen], "seed": seed, "model": cfg.model.base,
-            "budget_s": cfg.arc.budget_s, "oracle": list(ORACLE), "started": t_start.isoformat(timespec="seconds")}
+            "budget_s": cfg.arc.budget_s, "oracle": list(ORACLE), "started": t_start.isoformat(timespec="seconds"),
+            "executor": "local" if workers is None else "ray", "per_worker": workers}
     return ArcLadder(rows, data, _write(rows, meta, out_dir, f"seal-agent eval arc: {len(chosen)} tasks of "
                                                               f"{data.name}, {cfg.model.base}"))
+
+
+def _solve_cases(solvers, cases: list[tuple[str, Task]], chosen: list[Task], seed: int, pool,
+                 progress: Progress) -> tuple[list[dict[str, Any]], list[float], dict[str, Any] | None]:
+    """Every (condition, task) case's result and seconds: here, or on the pool (with
+    which worker solved it, and the pool's per-worker figures)."""
+    if pool is None:
+        results, seconds = [], []
+        for i, (c, task) in enumerate(cases):
+            progress("task", {"condition": c, "index": i % len(chosen), "total": len(chosen), "task": task.id})
+            t0 = time.perf_counter()
+            results.append(case(solvers, c, task, seed))
+            seconds.append(time.perf_counter() - t0)
+            progress("solved", {"condition": c, "task": task.id, "solved": results[-1]["solved"]})
+        return results, seconds, None
+    done = pool.map([(c, task, seed) for c, task in cases])
+    results = [{**r, "worker": w} for r, _, w in done]
+    for (c, task), r in zip(cases, results):
+        progress("solved", {"condition": c, "task": task.id, "solved": r["solved"]})
+    return results, [sec for _, sec, _ in done], pool.stats.per_worker
+
+
+def case(solvers: dict[str, Any], condition: str, task: Task, seed: int) -> dict[str, Any]:
+    """One task under one condition: what a local run and a pool's worker both do."""
+    if condition == "icl":
+        return solvers["ttt-self"].solve(task, seed=seed, untrained=True)
+    if condition == "ttt-oracle":
+        return _oracle(solvers["ttt-self"], task, [Written((text,), parse(text)) for text in ORACLE], seed)
+    return solvers[condition].solve(task, seed=seed)
+
+
+@dataclass(frozen=True)
+class Cases:
+    """A pool's work for `eval arc`: (condition, task, seed) solved on the worker's
+    replica, its recipes written by it too (torch) with the solvers' policy adapters."""
+
+    solvers: dict[str, Any]  # condition -> a Solver, its model and writer left out (set per replica)
+
+    def __call__(self, model, job: tuple[str, Task, int]) -> dict[str, Any]:
+        condition, task, seed = job
+        here = {c: dataclasses.replace(s, model=model, writer=model) for c, s in self.solvers.items()}
+        return case(here, condition, task, seed)
 
 
 def _oracle(solver, task: Task, grid: list[Written], seed: int) -> dict[str, Any]:

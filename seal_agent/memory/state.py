@@ -129,7 +129,7 @@ SCHEMA = [
         policy TEXT NOT NULL,          -- the policy file's name (e.g. implications)
         started_at TEXT NOT NULL,
         finished_at TEXT,
-        decision TEXT,                 -- promoted | kept | interrupted
+        decision TEXT,                 -- promoted | kept | interrupted | failed
         policy_version INTEGER,        -- the promoted version after the round
         record TEXT                    -- JSON: the round's full record
     );

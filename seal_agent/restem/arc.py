@@ -82,6 +82,10 @@ class ArcDomain:
         self.policy = policy
         self.use_chat = cfg.model.use_chat_template
 
+    def portable(self) -> ArcDomain:
+        """As a pool's worker gets it: as it is (nothing of this machine's in it)."""
+        return self
+
     def prompt(self, ctx: ArcContext) -> str:
         # The whole task, as `solve` shows it: the policy is trained on the prompts it will see.
         return recipe_prompt(self.policy, self.tokenizer, ctx.task, self.use_chat)

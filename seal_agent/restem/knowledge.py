@@ -10,12 +10,14 @@ questions; forgetting is measured on the replay QAs nearest to the passage.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
 from ..documents import Passage
+from ..errors import SealError
 from ..learning.self_edit import SelfEdit, parse, sample
 from ..memory.replay import ReplayBank
 from ..memory.state import State
@@ -77,6 +79,16 @@ class KnowledgeDomain:
         self.use_chat = cfg.model.use_chat_template
         self.dtypes = compute_dtypes(cfg)
         self._replay_before: dict[str, list] = {}  # per context: nearby replay QAs `model` answers right
+
+    def portable(self) -> KnowledgeDomain:
+        """This domain as a worker of a pool gets it: without the replay bank (a
+        database and an index of this machine), so without the retention penalty."""
+        if self.cfg.restem.retention_penalty > 0:
+            raise SealError("restem.retention_penalty needs the replay bank, which the workers of a cluster do "
+                            'not have: set it to 0, or cluster.executor = "local"')
+        other = copy.copy(self)
+        other.bank, other._replay_before = None, {}
+        return other
 
     def prompt(self, ctx: KnowledgeContext) -> str:
         return self.policy.prompt(self.tokenizer, ctx.title, ctx.text, self.use_chat)

@@ -71,6 +71,59 @@ class Domain(Protocol):
     def describe(self, context: Any, completion: str) -> dict[str, Any]:
         """Facts about a sample for the record (length, items)."""
 
+    def portable(self) -> Domain:
+        """The domain as a worker of a pool gets it (pickled: nothing tied to this process)."""
+
+
+# -- training candidates: here, or on a pool of workers ---------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """One inner loop: a self-edit applied with one seed, then scored."""
+
+    context: Any
+    completion: str
+    seed: int
+    forgetting: bool = False  # also measure what the update forgot (retention penalty)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    score: float
+    forgetting: float | None
+    seconds: float
+    worker: str  # who ran it ("local", or a pool's worker)
+
+
+def run_job(domain: Domain, model, job: Job) -> tuple[float, float | None]:
+    """What every executor does with a job, on its own copy of the weights: the
+    update is put on `model` and taken off again."""
+    update = domain.parse(job.context, job.completion)
+    with domain.apply(model, update, job.seed) as candidate:
+        score = domain.score(candidate, job.context)
+        forgot = domain.forgetting(model, candidate, job.context) if job.forgetting else None
+    return score, forgot
+
+
+class Executor(Protocol):
+    def run(self, jobs: list[Job]) -> list[Outcome]:
+        """Every job's outcome, in the order given (a failed job is rerun or raises)."""
+
+
+class LocalExecutor:
+    """The jobs one after another on the round's scratch model."""
+
+    def __init__(self, domain: Domain, model):
+        self.domain, self.model = domain, model
+
+    def run(self, jobs: list[Job]) -> list[Outcome]:
+        out = []
+        for job in jobs:
+            t0 = time.perf_counter()
+            score, forgot = run_job(self.domain, self.model, job)
+            out.append(Outcome(score, forgot, round(time.perf_counter() - t0, 2), "local"))
+        return out
+
 
 # -- choosing contexts -------------------------------------------------------
 
@@ -184,11 +237,14 @@ class Settings:
 def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout_contexts: list[Any],
             settings: Settings, current_adapter: Path | None, work_dir: Path, *,
             should_stop: Callable[[], bool] = lambda: False, progress: Progress = no_progress,
-            sampler=None) -> Round:
+            sampler=None, executor: Executor | None = None) -> Round:
     """One ReSTEM round on `model` (a scratch copy: updates are put on and taken off it).
     `sampler`: what writes the self-edits (a decoding engine on `model`'s weights,
-    engine.generate); `model` itself when None. Rewards are always trained and scored on `model`."""
+    engine.generate); `model` itself when None. `executor`: where the candidates are
+    trained and scored (a pool of workers, each with its own copy of `model`'s
+    weights); on `model` itself, one after another, when None."""
     sampler = model if sampler is None else sampler
+    executor = LocalExecutor(domain, model) if executor is None else executor
     cfg = settings.restem
     t_start = time.perf_counter()
     rnd = Round(contexts=[{"id": c.id, "title": c.title} for c in train_contexts],
@@ -198,7 +254,7 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
         raise ValueError("a held-out context is also a training context")
     before = _scores_before(domain, model)
 
-    pairs = _winning_pairs(rnd, domain, model, sampler, train_contexts, settings, current_adapter, before,
+    pairs = _winning_pairs(rnd, domain, executor, sampler, train_contexts, settings, current_adapter, before,
                            should_stop, progress)
     rnd.proxy_agreement = _agreement(rnd.rewards)
     if not pairs:
@@ -213,8 +269,8 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
             rnd.candidate, rnd.sft = _sft(model, tokenizer, pairs, settings, current_adapter, work_dir)
         with rnd.stage("heldout"):
             progress("heldout", {"contexts": len(heldout_contexts)})
-            old = _heldout_gains(domain, model, sampler, heldout_contexts, current_adapter, before, settings)
-            new = _heldout_gains(domain, model, sampler, heldout_contexts, rnd.candidate, before, settings)
+            old = _heldout_gains(domain, executor, sampler, heldout_contexts, current_adapter, before, settings)
+            new = _heldout_gains(domain, executor, sampler, heldout_contexts, rnd.candidate, before, settings)
         rnd.heldout = {"contexts": [c.id for c in heldout_contexts],
                        "before": [round(before(c), 4) for c in heldout_contexts], "old": round(_mean(old), 4),
                        "new": round(_mean(new), 4), "old_gains": old, "new_gains": new,
@@ -236,7 +292,7 @@ def _scores_before(domain: Domain, model) -> Callable[[Any], float]:
     return before
 
 
-def _winning_pairs(rnd: Round, domain: Domain, model, sampler, contexts: list[Any], settings: Settings,
+def _winning_pairs(rnd: Round, domain: Domain, executor: Executor, sampler, contexts: list[Any], settings: Settings,
                    current_adapter: Path | None, before: Callable[[Any], float], should_stop: Callable[[], bool],
                    progress: Progress) -> list[Example]:
     """Per training context, until `should_stop`: the winning self-edit (best-of-k) as a
@@ -248,8 +304,8 @@ def _winning_pairs(rnd: Round, domain: Domain, model, sampler, contexts: list[An
             rnd.contexts = rnd.contexts[:ci]
             break
         progress("context", {"index": ci, "total": len(contexts), "title": ctx.title})
-        completions, rows = _sample_and_reward(rnd, domain, model, sampler, ctx, ci, settings, current_adapter,
-                                               before)
+        completions, rows = _sample_and_reward(rnd, domain, executor, sampler, ctx, ci, settings,
+                                               current_adapter, before)
         best = best_of_k(rows, settings.restem.min_reward)
         if best is not None:
             rnd.winners.append({"context": ctx.id, "sample": best["sample"], "reward": best["reward"]})
@@ -258,7 +314,7 @@ def _winning_pairs(rnd: Round, domain: Domain, model, sampler, contexts: list[An
     return pairs
 
 
-def _sample_and_reward(rnd: Round, domain: Domain, model, sampler, ctx, ci: int, settings: Settings,
+def _sample_and_reward(rnd: Round, domain: Domain, executor: Executor, sampler, ctx, ci: int, settings: Settings,
                        current_adapter: Path | None, before: Callable[[Any], float],
                        ) -> tuple[list[str], list[dict[str, Any]]]:
     """k self-edits for the `ci`-th context, written with the current policy, and their rewards."""
@@ -267,33 +323,33 @@ def _sample_and_reward(rnd: Round, domain: Domain, model, sampler, ctx, ci: int,
     for si, completion in enumerate(completions):
         rnd.samples.append({"context": ctx.id, "sample": si, **domain.describe(ctx, completion)})
     with rnd.stage("reward"):
-        rows = [_reward(domain, model, ctx, si, c, before, settings) for si, c in enumerate(completions)]
+        cfg = settings.restem
+        trained = cfg.reward in ("train", "both")
+        b = before(ctx) if trained else None  # on `model` itself, before any update is put on it
+        jobs = [Job(ctx, c, settings.seed * 1000 + s, cfg.retention_penalty > 0)
+                for c in completions for s in range(cfg.seeds)] if trained else []
+        outcomes = executor.run(jobs)  # every sample's seeds at once: a pool trains them side by side
+        rows = [_reward(domain, ctx, si, c, b, outcomes[si * cfg.seeds:(si + 1) * cfg.seeds], settings)
+                for si, c in enumerate(completions)]
     rnd.rewards.extend(rows)
     return completions, rows
 
 
-def _reward(domain: Domain, model, ctx, si: int, completion: str, before: Callable[[Any], float],
+def _reward(domain: Domain, ctx, si: int, completion: str, before: float | None, outcomes: list[Outcome],
             settings: Settings) -> dict[str, Any]:
+    """A sample's reward row from its seeds' outcomes (none: the proxy reward only)."""
     cfg = settings.restem
     row: dict[str, Any] = {"context": ctx.id, "sample": si, "before": None, "after": None, "gain": None,
                            "forgetting": None, "proxy": None, "reward": None, "seconds_train": None}
     if cfg.reward in ("proxy", "both"):
         row["proxy"] = round(domain.proxy(ctx, completion), 4)
-    if cfg.reward in ("train", "both"):
-        t0 = time.perf_counter()
-        b = before(ctx)  # on `model` itself, before any update is put on it
-        update = domain.parse(ctx, completion)
-        after, forgot = [], []
-        for s in range(cfg.seeds):
-            with domain.apply(model, update, settings.seed * 1000 + s) as candidate:
-                after.append(domain.score(candidate, ctx))
-                if cfg.retention_penalty > 0:
-                    f = domain.forgetting(model, candidate, ctx)
-                    if f is not None:
-                        forgot.append(f)
-        gain = _mean(after) - b
-        row.update(before=round(b, 4), after=[round(a, 4) for a in after], gain=round(gain, 4),
-                   seconds_train=round(time.perf_counter() - t0, 2))
+    if before is not None:
+        after = [o.score for o in outcomes]
+        forgot = [o.forgetting for o in outcomes if o.forgetting is not None]
+        gain = _mean(after) - before
+        row.update(before=round(before, 4), after=[round(a, 4) for a in after], gain=round(gain, 4),
+                   seconds_train=round(sum(o.seconds for o in outcomes), 2),
+                   workers=sorted({o.worker for o in outcomes}))
         penalty = cfg.retention_penalty * _mean(forgot) if forgot else 0.0
         row["forgetting"] = round(_mean(forgot), 4) if forgot else None
         row["reward"] = round(gain - penalty, 4)
@@ -302,19 +358,18 @@ def _reward(domain: Domain, model, ctx, si: int, completion: str, before: Callab
     return row
 
 
-def _heldout_gains(domain: Domain, model, sampler, contexts: list[Any], adapter: Path | None,
+def _heldout_gains(domain: Domain, executor: Executor, sampler, contexts: list[Any], adapter: Path | None,
                    before: Callable[[Any], float], settings: Settings) -> list[float]:
     """Per held-out context: the gain of one self-edit written with `adapter`
     (same sampling seed for every policy compared, so the comparison is paired)."""
-    gains = []
+    jobs = []
     for hi, ctx in enumerate(contexts):
-        b = before(ctx)  # on `model` itself: inside apply() it would carry the update
         with policy_adapter(sampler, adapter) as writer:
             [completion] = domain.sample(writer, ctx, 1, settings.seed * 104729 + hi)
-        update = domain.parse(ctx, completion)
-        with domain.apply(model, update, settings.seed) as candidate:
-            gains.append(round(domain.score(candidate, ctx) - b, 4))
-    return gains
+        jobs.append(Job(ctx, completion, settings.seed))
+    outcomes = executor.run(jobs)  # all held-out contexts side by side on a pool
+    # before: on the untouched weights (inside apply() they would carry the update)
+    return [round(o.score - before(ctx), 4) for o, ctx in zip(outcomes, contexts)]
 
 
 def _sft(model, tokenizer, pairs: list[Example], settings: Settings, current_adapter: Path | None,

@@ -52,10 +52,13 @@ class RoundDeps:
     tokenizer: Any
     knowledge_version: int  # the version `model` holds
     sampler: Any = None  # what writes the candidates: a vLLM view on the live weights, or None (`model`)
+    # Where the candidates are trained and scored: (domain, scratch model) -> a pool
+    # of workers (cluster/pool.py), closed after the round; None: on the scratch model.
+    executor: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass(frozen=True)
-class Pool:
+class ContextPool:
     """A domain and the contexts a round chooses from."""
 
     domain: restem.Domain
@@ -82,7 +85,7 @@ def data_contexts(paths: list[Path], max_questions: int) -> list[KnowledgeContex
 
 
 def knowledge_pool(deps: RoundDeps, rcfg: RestemConfig, policy: Policy, bank: ReplayBank | None,
-                   data: list[Path]) -> Pool:
+                   data: list[Path]) -> ContextPool:
     """The replay bank's learned passages (newest first), then the passages of `data`
     (default: restem.data)."""
     cfg = deps.cfg
@@ -90,10 +93,10 @@ def knowledge_pool(deps: RoundDeps, rcfg: RestemConfig, policy: Policy, bank: Re
     lineage = deps.state.lineage(deps.knowledge_version)
     contexts = (bank_contexts(deps.state, bank, lineage, rcfg.max_questions) if bank is not None else []) \
         + data_contexts(data, rcfg.max_questions)
-    return Pool(KnowledgeDomain(cfg, deps.tokenizer, policy, bank, lineage, deps.knowledge_version), contexts)
+    return ContextPool(KnowledgeDomain(cfg, deps.tokenizer, policy, bank, lineage, deps.knowledge_version), contexts)
 
 
-def arc_pool(deps: RoundDeps, policy: RecipePolicy, solved: list[tuple[Task, int]], data: list[Path]) -> Pool:
+def arc_pool(deps: RoundDeps, policy: RecipePolicy, solved: list[tuple[Task, int]], data: list[Path]) -> ContextPool:
     """The tasks the daemon has solved (`solved`: each with its recency, newest
     first), then the tasks of `data` (default: arc.data). A task that cannot be a
     context (one demonstration, over the model's context) is left out, with why."""
@@ -117,10 +120,10 @@ def arc_pool(deps: RoundDeps, policy: RecipePolicy, solved: list[tuple[Task, int
     unique: dict[str, Any] = {}
     for c in pool:  # a task given twice is one context: its first (newest) appearance
         unique.setdefault(c.id, c)
-    return Pool(ArcDomain(cfg, deps.tokenizer, policy), list(unique.values()), {"refused_contexts": refused})
+    return ContextPool(ArcDomain(cfg, deps.tokenizer, policy), list(unique.values()), {"refused_contexts": refused})
 
 
-def run_round(deps: RoundDeps, rcfg: RestemConfig, pool: Pool, *, should_stop: Callable[[], bool],
+def run_round(deps: RoundDeps, rcfg: RestemConfig, pool: ContextPool, *, should_stop: Callable[[], bool],
               progress: Progress) -> dict[str, Any]:
     """One round of `pool`'s domain with the settings `rcfg` (see `round_config`); returns its record."""
     cfg = deps.cfg
@@ -135,14 +138,22 @@ def run_round(deps: RoundDeps, rcfg: RestemConfig, pool: Pool, *, should_stop: C
                                seed=cfg.model.seed + round_id)
     scratch = copy.deepcopy(deps.model)  # every candidate is put on and taken off this copy
     work = Path(tempfile.mkdtemp(prefix=f".restem-{round_id}-", dir=cfg.state_dir))
+    executor = None
     try:
-        rnd = restem.refresh(pool.domain, scratch, deps.tokenizer, train_ctx, heldout_ctx, settings,
-                             versions.adapter_dir(parent), work, should_stop=should_stop, progress=progress,
-                             sampler=deps.sampler)
+        try:
+            executor = deps.executor(pool.domain, scratch) if deps.executor is not None else None
+            rnd = restem.refresh(pool.domain, scratch, deps.tokenizer, train_ctx, heldout_ctx, settings,
+                                 versions.adapter_dir(parent), work, should_stop=should_stop, progress=progress,
+                                 sampler=deps.sampler, executor=executor)
+        except SealError as e:  # a cluster lost, unreachable: the round ends without a decision
+            reason = f"{e}; round {round_id} stopped without a decision, the policy unchanged"
+            facts = executor_facts(executor) if executor is not None else {"executor": cfg.cluster.executor}
+            deps.rounds.fail(round_id, reason, facts)
+            raise SealError(reason) from None
         record = {"round": round_id, "policy": policy, "domain": pool.domain.name, "started_at": started,
                   "knowledge_version": deps.knowledge_version, "parent_policy_version": parent,
                   "reward_kind": rcfg.reward, "samples_per_context": rcfg.samples, "seeds": rcfg.seeds,
-                  "pool": len(pool.contexts), **pool.facts, **rnd.as_dict()}
+                  "pool": len(pool.contexts), **pool.facts, **executor_facts(executor), **rnd.as_dict()}
         version = parent
         if rnd.decision == "promoted":
             manifest = {k: record[k] for k in ("knowledge_version", "reward_kind", "heldout", "sft", "reason")}
@@ -156,4 +167,17 @@ def run_round(deps: RoundDeps, rcfg: RestemConfig, pool: Pool, *, should_stop: C
         deps.rounds.finish(record)
         return record
     finally:
+        if executor is not None:
+            executor.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def executor_facts(executor) -> dict[str, Any]:
+    """Where the round's candidates ran, for its record: here, or which worker ran
+    what, for how long, and which jobs were run again after a worker died."""
+    stats = getattr(executor, "stats", None)
+    if stats is None:
+        return {"executor": "local", "workers": 1}
+    return {"executor": stats.executor, "workers": stats.workers, "cluster_address": stats.address,
+            "per_worker": stats.per_worker, "reruns": stats.reruns, "workers_lost": stats.lost,
+            "pool_start_seconds": stats.start_seconds}

@@ -47,6 +47,15 @@ class RoundLog:
                 data={"round": round_id, "decision": decision, "policy_version": version,
                       "heldout": record["heldout"], "winners": len(record["winners"])})
 
+    def fail(self, round_id: int, reason: str, facts: dict[str, Any]) -> None:
+        """Close round `round_id` as failed (no decision, the policy unchanged), saying why."""
+        with self.state.transaction() as c:
+            c.execute("UPDATE restem_rounds SET finished_at = ?, decision = 'failed', record = ? WHERE id = ?",
+                      (now(), json.dumps({"round": round_id, "decision": "failed", "reason": reason, **facts}),
+                       round_id))
+            self.state.event("restem.round", f"ReSTEM round {round_id}: failed; {reason}", conn=c,
+                             data={"round": round_id, "decision": "failed"})
+
     def uses(self, policy: str) -> dict[str, int]:
         """Per context id: how many rounds of `policy` have trained on it."""
         rows = self.state.query("SELECT context_id, uses FROM restem_contexts WHERE policy = ?", (policy,))
