@@ -310,7 +310,8 @@ class SealAgent:
         live = self.live
         deps = RoundDeps(cfg=self.cfg, state=self.state, rounds=RoundLog(self.state), versions=versions,
                          model=live.model, tokenizer=live.tokenizer, knowledge_version=live.version,
-                         sampler=self.vllm().view() if engine_for(self.cfg, "generate") == "vllm" else None,
+                         sampler=self.vllm().view() if engine_for(self.cfg, "generate") == "vllm" and not (
+                             recipe_policy is not None and recipe_policy.constrained) else None,
                          executor=self._cluster_pool(live.base_dir))
         if domain == "arc":
             pool = arc_pool(deps, recipe_policy, [(s.task, s.id) for s in self.skills.all()], list(data))
@@ -345,7 +346,9 @@ class SealAgent:
 
         policy = self.recipe_policy()
         live = self.live
-        return Solver(self.cfg, live.model, live.tokenizer, self.decoder("generate"), policy,
+        # A constrained recipe is decoded by torch (model/constrained.py): vLLM's structured outputs are not used.
+        writer = live.model if policy.constrained else self.decoder("generate")
+        return Solver(self.cfg, live.model, live.tokenizer, writer, policy,
                       self.arc_versions.adapter_dir(policy_version), self.arc_versions.label(policy_version),
                       context_length(live.model, live.tokenizer))
 

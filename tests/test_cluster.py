@@ -59,16 +59,21 @@ def decisions(rec: dict) -> dict:
     return out
 
 
-@pytest.fixture
-def data(tmp_path):
-    return task_file(tmp_path / "tasks.json",
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return task_file(tmp_path_factory.mktemp("arc") / "tasks.json",
                      [constant_task(f"const{c}", c, c, answer=(c + 1) % 10) for c in (1, 4, 6, 7, 8, 9)])
 
 
-def test_a_round_on_ray_has_the_local_rounds_rewards_and_decisions(tmp_path, arc_tiny_dir, data):
-    local_cfg, sets = config(tmp_path, arc_tiny_dir, "local")
-    ray_cfg, _ = config(tmp_path, arc_tiny_dir, "ray", 'executor = "ray"\nworkers = 2')
-    here = restem(local_cfg, sets, data)
+@pytest.fixture(scope="module")
+def here(tmp_path_factory, arc_tiny_dir, data):
+    """The round run locally: what every Ray round of this module must equal."""
+    local_cfg, sets = config(tmp_path_factory.mktemp("local"), arc_tiny_dir, "local")
+    return restem(local_cfg, sets, data)
+
+
+def test_a_round_on_ray_has_the_local_rounds_rewards_and_decisions(tmp_path, arc_tiny_dir, data, here):
+    ray_cfg, sets = config(tmp_path, arc_tiny_dir, "ray", 'executor = "ray"\nworkers = 2')
     there = restem(ray_cfg, sets, data)
     assert here["executor"] == "local" and there["executor"] == "ray" and there["workers"] == 2
     assert decisions(there) == decisions(here)
@@ -109,10 +114,9 @@ def _kill_workers(count: int, stop: threading.Event, after_s: float = 8.0) -> No
         time.sleep(0.2)
 
 
-def test_a_killed_worker_has_its_candidates_rerun_and_the_round_decides_as_locally(tmp_path, arc_tiny_dir, data):
-    local_cfg, sets = config(tmp_path, arc_tiny_dir, "local")
-    ray_cfg, _ = config(tmp_path, arc_tiny_dir, "ray", 'executor = "ray"\nworkers = 2')
-    here = restem(local_cfg, sets, data)
+def test_a_killed_worker_has_its_candidates_rerun_and_the_round_decides_as_locally(tmp_path, arc_tiny_dir, data,
+                                                                                   here):
+    ray_cfg, sets = config(tmp_path, arc_tiny_dir, "ray", 'executor = "ray"\nworkers = 2')
     stop = threading.Event()
     killer = threading.Thread(target=_kill_workers, args=(1, stop), daemon=True)
     killer.start()

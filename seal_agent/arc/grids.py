@@ -151,7 +151,7 @@ def is_task_file(path: Path) -> bool:
         return False
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a nesting too deep is the document reader's to refuse
         return False
     return _is_task(data) or (isinstance(data, dict) and bool(data) and all(_is_task(t) for t in data.values()))
 

@@ -50,7 +50,7 @@ class _Recipe(BaseModel):
 
 def _schema() -> str:
     """The schema as JSON: what constrained decoding holds a sampled recipe to
-    (model/constrained.py; vLLM's structured outputs), ranges included. `parse`
+    (model/constrained.py), ranges included. `parse`
     still clamps, for recipes written without it."""
     schema = _Recipe.model_json_schema()
     training = schema["$defs"]["_Training"]["properties"]

@@ -4,8 +4,9 @@ xgrammar (the library vLLM's structured outputs use) compiles the schema
 against the tokenizer's vocabulary into a grammar, and its logits processor
 masks, at every step of `model.generate`, each token that would leave the
 schema. A completion that ends before `max_new_tokens` is then a JSON object
-of that schema. The vLLM engine gets the same schema as a request option
-(engine/vllm.py), so both engines constrain alike.
+of that schema. The vLLM engine refuses a schema (engine/vllm.py: its
+structured outputs did not hold to it on the CPU build), so constrained
+decoding is this engine's.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     # A JSON schema (as JSON text) every completion must match: decoding is constrained
-    # to it token by token (model/constrained.py; vLLM's structured outputs).
+    # to it token by token (model/constrained.py; the torch engine only).
     json_schema: str | None = None
 
 
