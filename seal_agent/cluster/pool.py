@@ -147,11 +147,6 @@ class RayPool:
             raise ClusterError(f"the pool's workers could not start ({'; '.join(failures)})")
         self.stats.start_seconds = round(time.perf_counter() - t0, 2)
 
-    def pids(self) -> dict[str, int]:
-        import ray
-
-        return {w.name: ray.get(w.actor.pid.remote()) for w in self.workers}
-
     def run(self, jobs: list[Job]) -> list[Outcome]:
         """ReSTEM's jobs (with `Rewards` as the work): their outcomes, in order."""
         return [Outcome(score, forgot, seconds, worker) for (score, forgot), seconds, worker in self.map(jobs)]
