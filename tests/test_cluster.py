@@ -208,6 +208,35 @@ def test_eval_arc_on_ray_solves_the_cases_side_by_side_as_locally(tmp_path, arc_
     assert {t["worker"] for r in rows["ray"] for t in r["tasks"]} == {"worker-0", "worker-1"}
 
 
+def test_eval_squad_and_cpt_on_ray_answer_as_locally(tmp_path, tiny_model_dir, squad_file):
+    answers = {}
+    for name, cluster in (("local", ""), ("ray", 'executor = "ray"\nworkers = 2')):
+        cfg, sets = config(tmp_path, tiny_model_dir, name, cluster)
+        for kind, conditions in (("squad", "base,passage,self,in-context"), ("cpt", "base,passage")):
+            out = tmp_path / f"{name}-{kind}"
+            r = CliRunner().invoke(main, ["--config", str(cfg), *sets, "eval", kind, "--data", str(squad_file),
+                                          "--conditions", conditions, "--out", str(out), "--json"],
+                                   catch_exceptions=False)
+            assert r.exit_code == 0, r.output
+            rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+            meta = json.loads((out / "results.json").read_text())
+            assert meta["executor"] == name and [row["condition"] for row in rows] == conditions.split(",")
+            answers[name, kind] = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+            if name == "ray":
+                cases = 2 * 4 if kind == "squad" else 2  # passages x conditions; cpt: one update per condition
+                assert sum(w["jobs"] for w in meta["per_worker"].values()) == cases == len(meta["cases"])
+                assert all(sum(row["workers"].values()) == (2 if kind == "squad" else 1) for row in rows)
+                if kind == "squad":
+                    assert {c["worker"] for c in meta["cases"]} == {"worker-0", "worker-1"}
+    for kind in ("squad", "cpt"):
+        assert answers["ray", kind] == answers["local", kind]
+        by = {}
+        for a in answers["local", kind]:
+            by.setdefault(a["condition"], []).append(a["prediction"])
+        # the update changed the answers: a pool that skipped or misplaced it would differ from local
+        assert by["passage"] != by["base"]
+
+
 def test_bench_restem_times_one_round_locally_and_on_ray(tmp_path, tiny_model_dir):
     from conftest import SQUAD_DEV
 

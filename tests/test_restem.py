@@ -127,7 +127,9 @@ def test_refresh_end_to_end_promotes_a_version(tmp_path, tiny_model_dir, pool_fi
     assert set(held) >= {"old", "new", "contexts"} and len(held["old_gains"]) == 1
     trained = {c["id"] for c in rec["contexts"]} | {w["context"] for w in rec["winners"]}
     assert not trained & set(held["contexts"])
-    assert {"sample", "reward", "sft", "heldout"} <= rec["stage_seconds"].keys()
+    assert {"sample", "reward", "sft", "heldout", "candidates"} <= rec["stage_seconds"].keys()
+    st = rec["stage_seconds"]  # the jobs are a part of the reward and held-out stages
+    assert 0 < st["candidates"] <= st["reward"] + st["heldout"] + 0.05
     assert rec["seconds"] > 0 and rec["seconds_per_candidate"] > 0
 
     adapter = tmp_path / "state" / "adapters" / "policy" / "implications" / "v0001"

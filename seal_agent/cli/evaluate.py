@@ -89,6 +89,9 @@ def _run_eval(ctx: click.Context, kind: str, as_json: bool, **options: Any) -> N
             cells.append(f"{r.get('judge_accuracy', 0):.1%}")
         table.add_row(*cells)
     out.print(table)
+    if done.run.per_worker is not None:
+        out.print("on the Ray pool: " + ", ".join(f"{w} {s['jobs']} cases {s['seconds']:.0f} s"
+                                                  for w, s in done.run.per_worker.items()), highlight=False)
     out.print(f"answers: {done.files['answers']}\nchart:   {done.files['chart']}", highlight=False)
 
 

@@ -8,10 +8,13 @@ three start from the same weights and seeds. The local round trains with
 torch's threads (one per core); one Ray worker gets every core, two get half
 each, so that the comparison is of where the work runs, not of threads.
 
-A candidate's cost is the round's training stages (reward and held-out test)
+A candidate's cost is the round's "candidates" stage (the wall time of its
+jobs as the round sees them: handed out, trained and scored, results back)
 divided by its jobs: `ray_overhead_1` is one worker's over local's (what Ray
-adds per candidate: dispatch, results, the actor's own process), and the
-start of the pool (actors, the weights shipped) is reported apart.
+adds per candidate: dispatch, results, the actor's own process). The start of
+the pool (actors, the weights shipped) is reported apart, and so is the ratio
+of the whole training stages (reward and held-out test, which include this
+process's own sampling and scoring).
 """
 
 from __future__ import annotations
@@ -51,16 +54,19 @@ def restem_executors(cfg: Config, log: Callable[[str], None] = print) -> dict[st
             finally:
                 agent.close()
         jobs = len(rec["rewards"]) + 2 * len(rec["heldout_contexts"])
-        training = rec["stage_seconds"].get("reward", 0.0) + rec["stage_seconds"].get("heldout", 0.0)
-        out[name] = {"jobs": jobs, "seconds": rec["seconds"], "stage_seconds": rec["stage_seconds"],
-                     "seconds_per_candidate": round(training / jobs, 2) if jobs else None,
+        stages = rec["stage_seconds"]
+        training = stages.get("reward", 0.0) + stages.get("heldout", 0.0)
+        out[name] = {"jobs": jobs, "seconds": rec["seconds"], "stage_seconds": stages,
+                     "seconds_per_candidate": round(stages.get("candidates", 0.0) / jobs, 2) if jobs else None,
+                     "training_seconds_per_candidate": round(training / jobs, 2) if jobs else None,
                      "pool_start_seconds": rec.get("pool_start_seconds"), "per_worker": rec.get("per_worker"),
                      "decision": rec["decision"], "rewards": [r["reward"] for r in rec["rewards"]]}
-    local = out["local"]["seconds_per_candidate"]
-    result = {"restem_executors": out, "cores": cores}
-    for name in ("ray-1", "ray-2"):
-        per = out[name]["seconds_per_candidate"]
-        result[f"{name.replace('-', '_')}_per_candidate_ratio"] = round(per / local, 3) if local and per else None
+    result: dict[str, Any] = {"restem_executors": out, "cores": cores}
+    for key, label in (("seconds_per_candidate", "per_candidate"), ("training_seconds_per_candidate", "training")):
+        local = out["local"][key]
+        for name in ("ray-1", "ray-2"):
+            per = out[name][key]
+            result[f"{name.replace('-', '_')}_{label}_ratio"] = round(per / local, 3) if local and per else None
     result["ray_overhead_1"] = (round(result["ray_1_per_candidate_ratio"] - 1, 3)
                                 if result["ray_1_per_candidate_ratio"] is not None else None)
     result["same_rewards"] = len({tuple(o["rewards"]) for o in out.values()}) == 1
@@ -76,5 +82,7 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"  {name:6s} {o['jobs']} candidates, {o['seconds_per_candidate']:.2f} s each, "
                      f"round {o['seconds']:.0f} s{start}")
     lines.append(f"  Ray's per-candidate cost over local: 1 worker {result['ray_1_per_candidate_ratio']}x, "
-                 f"2 workers {result['ray_2_per_candidate_ratio']}x; same rewards: {result['same_rewards']}")
+                 f"2 workers {result['ray_2_per_candidate_ratio']}x (the training stages: "
+                 f"{result['ray_1_training_ratio']}x, {result['ray_2_training_ratio']}x); "
+                 f"same rewards: {result['same_rewards']}")
     return "\n".join(lines)

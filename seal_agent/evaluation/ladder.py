@@ -36,7 +36,7 @@ from ..documents import Passage, read_qa_passages
 from ..errors import SealError
 from ..learning.self_edit import from_text, write_self_edits
 from ..model.inner_loop import Example, train_adapter
-from ..model.loader import compute_dtypes
+from ..model.loader import compute_dtypes, resolve_base
 from ..policy import Policy
 from ..progress import Progress, no_progress
 from ..qa import answering as qa_mod
@@ -83,6 +83,7 @@ class ConditionResult:
     passages: int = 0
     train_seconds: float = 0.0
     train_tokens: int = 0
+    workers: dict[str, int] | None = None  # on a pool: cases answered per worker
 
     @property
     def accuracy(self) -> float:
@@ -101,6 +102,8 @@ class ConditionResult:
             "train_seconds": round(self.train_seconds, 2),
             "train_tokens": self.train_tokens,
         }
+        if self.workers is not None:
+            out["workers"] = dict(sorted(self.workers.items()))
         if self.judge_correct is not None:
             out["judge_accuracy"] = round(self.judge_correct / self.n, 4) if self.n else 0.0
         return out
@@ -112,6 +115,8 @@ class EvalRun:
     conditions: list[str]
     results: dict[str, ConditionResult] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)  # on a pool: which worker answered each case
+    per_worker: dict[str, Any] | None = None  # on a pool: its per-worker jobs and seconds
 
     def add(self, condition: str, records: list[Record], seconds: float, train: tuple[float, int] = (0.0, 0),
             passages: int = 1) -> None:
@@ -185,41 +190,114 @@ class Evaluator:
         finally:
             candidate.unload()
 
+    def run_case(self, case: Case) -> tuple[list[Record], float, int]:
+        """A case's answers and its training (seconds, tokens): what a local run and a
+        pool's worker both do."""
+        if case.examples is None:
+            return self.answer(self.model, list(case.passages), case.condition), 0.0, 0
+        return self.updated_answers(list(case.examples), list(case.passages), case.condition, case.seed)
+
+    def judged(self, records: list[Record]) -> list[Record]:
+        """The judge's verdicts added (here, never on a pool's worker: the judge is a
+        service this machine reaches)."""
+        if self.judge is not None:
+            for r in records:
+                q = qa_mod.Question(r.question, r.gold, r.title)
+                r.judge = self.judge.grade(qa_mod.question_text(q, self.cfg.qa), r.gold, r.prediction)
+        return records
+
     # -- the two settings ------------------------------------------------
-    def squad(self, passages: list[Passage], conditions: list[str], progress: Progress) -> EvalRun:
+    def squad_case(self, condition: str, index: int, passage: Passage) -> Case:
+        """A passage under a condition, from the starting model (its self-edit written here)."""
+        examples = None if condition in (BASE, IN_CONTEXT) else tuple(self.training_data(condition, passage, index))
+        return Case(condition, ((index, passage),), examples, self.seed + index)
+
+    def cpt_case(self, condition: str, passages: list[Passage]) -> Case:
+        """One update on the training data of all passages together."""
+        indexed = tuple(enumerate(passages))
+        examples = None if condition == BASE else tuple(ex for i, p in indexed
+                                                        for ex in self.training_data(condition, p, i))
+        return Case(condition, indexed, examples, self.seed)
+
+    def squad(self, passages: list[Passage], conditions: list[str], progress: Progress, pool=None) -> EvalRun:
+        if pool is not None:  # every case's self-edit written here first, then trained side by side
+            cases, writing = [], []
+            for i, p in enumerate(passages):
+                for c in conditions:
+                    t0 = time.perf_counter()
+                    cases.append(self.squad_case(c, i, p))
+                    writing.append(time.perf_counter() - t0)
+            return self._on_pool(EvalRun("squad", conditions), cases, writing, pool, progress)
         run = EvalRun("squad", conditions)
         for index, passage in enumerate(passages):
             progress("passage", {"index": index, "total": len(passages), "title": passage.title})
             for condition in conditions:
                 t0 = time.perf_counter()
-                if condition in (BASE, IN_CONTEXT):
-                    records, train = self.answer(self.model, [(index, passage)], condition), (0.0, 0)
-                else:
-                    examples = self.training_data(condition, passage, index)
-                    records, secs, toks = self.updated_answers(examples, [(index, passage)], condition,
-                                                               seed=self.seed + index)
-                    train = (secs, toks)
-                run.add(condition, records, time.perf_counter() - t0, train)
+                records, secs, toks = self.run_case(self.squad_case(condition, index, passage))
+                run.add(condition, self.judged(records), time.perf_counter() - t0, (secs, toks))
                 progress("condition", {"index": index, "condition": condition,
                                        "correct": sum(r.correct for r in records), "n": len(records)})
         return run
 
-    def cpt(self, passages: list[Passage], conditions: list[str], progress: Progress) -> EvalRun:
+    def cpt(self, passages: list[Passage], conditions: list[str], progress: Progress, pool=None) -> EvalRun:
+        if pool is not None:
+            cases, writing = [], []
+            for c in conditions:
+                t0 = time.perf_counter()
+                cases.append(self.cpt_case(c, passages))
+                writing.append(time.perf_counter() - t0)
+            return self._on_pool(EvalRun("cpt", conditions), cases, writing, pool, progress, passages=len(passages))
         run = EvalRun("cpt", conditions)
-        indexed = list(enumerate(passages))
         for condition in conditions:
             progress("condition-start", {"condition": condition})
             t0 = time.perf_counter()
-            if condition == BASE:
-                records, train = self.answer(self.model, indexed, condition), (0.0, 0)
-            else:
-                examples = [ex for i, p in indexed for ex in self.training_data(condition, p, i)]
-                records, secs, toks = self.updated_answers(examples, indexed, condition, seed=self.seed)
-                train = (secs, toks)
-            run.add(condition, records, time.perf_counter() - t0, train, passages=len(passages))
+            records, secs, toks = self.run_case(self.cpt_case(condition, passages))
+            run.add(condition, self.judged(records), time.perf_counter() - t0, (secs, toks), passages=len(passages))
             progress("condition", {"condition": condition, "correct": sum(r.correct for r in records),
                                    "n": len(records)})
         return run
+
+    def _on_pool(self, run: EvalRun, cases: list[Case], writing: list[float], pool, progress: Progress,
+                 passages: int = 1) -> EvalRun:
+        """The cases trained and answered on a pool's workers (`Answers` as its work);
+        a condition's seconds are its self-edits' writing here plus its cases' time
+        there. The run records which worker answered each case, and the pool's figures."""
+        progress("pool", {"cases": len(cases), "workers": pool.stats.workers})
+        for case, wrote, ((records, secs, toks), seconds, worker) in zip(cases, writing, pool.map(cases)):
+            run.add(case.condition, self.judged(records), wrote + seconds, (secs, toks), passages=passages)
+            run.workers.append({"condition": case.condition, "passages": [i for i, _ in case.passages],
+                                "worker": worker, "seconds": seconds})
+            result = run.results[case.condition]
+            result.workers = result.workers or {}
+            result.workers[worker] = result.workers.get(worker, 0) + 1
+            progress("condition", {"index": case.passages[0][0], "condition": case.condition,
+                                   "correct": sum(r.correct for r in records), "n": len(records)})
+        run.per_worker = pool.stats.per_worker
+        return run
+
+
+@dataclass(frozen=True)
+class Case:
+    """One condition on some passages (squad: one, cpt: all): the update's training
+    data (None: no update) and its seed."""
+
+    condition: str
+    passages: tuple[tuple[int, Passage], ...]
+    examples: tuple[Example, ...] | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A pool's work for `eval squad` / `eval cpt`: a case trained and answered on
+    the worker's replica as `Evaluator.run_case` does here."""
+
+    cfg: Config
+    tokenizer: Any
+    policy: Policy
+
+    def __call__(self, model, case: Case) -> tuple[list[Record], float, int]:
+        return Evaluator(self.cfg, model, self.tokenizer, self.policy).run_case(case)
 
 
 # -- output files ----------------------------------------------------------
@@ -300,12 +378,14 @@ def policy_adapter_for(versions: PolicyVersions, version: int | None,
 
 def run_eval(kind: str, cfg: Config, model, tokenizer, policy: Policy, passages: list[Passage],
              conditions: list[str], *, judge=None, seed: int = 0, progress: Progress = no_progress,
-             policy_adapter: Path | None = None) -> EvalRun:
+             policy_adapter: Path | None = None, pool=None) -> EvalRun:
+    """The ladder here, or with `pool` (cluster/pool.py, `Answers` as its work) its
+    updates trained and answered on the pool's workers; the same records either way."""
     torch.manual_seed(seed)
     evaluator = Evaluator(cfg, model, tokenizer, policy, judge=judge, seed=seed, policy_adapter=policy_adapter)
     if kind == "cpt":
-        return evaluator.cpt(passages, conditions, progress)
-    return evaluator.squad(passages, conditions, progress)
+        return evaluator.cpt(passages, conditions, progress, pool=pool)
+    return evaluator.squad(passages, conditions, progress, pool=pool)
 
 
 @dataclass
@@ -333,12 +413,24 @@ def run_ladder(agent: SealAgent, kind: str, conditions: str, *, data: Path | Non
     progress("start", {"kind": kind, "passages": len(passages),
                        "total": len(passages) * len(conds) if kind == "squad" else len(conds)})
     t0 = datetime.now()
-    run = run_eval(kind, cfg, model, tokenizer, agent.policy, passages, conds, judge=judge, seed=seed,
-                   progress=progress, policy_adapter=adapter)
+    pool = None
+    if cfg.cluster.executor == "ray":  # the cluster of ReSTEM's rounds (docs/cluster.md)
+        from ..cluster.pool import RayPool
+
+        pool = RayPool(cfg, resolve_base(cfg), model, Answers(cfg, tokenizer, agent.policy))
+    try:
+        run = run_eval(kind, cfg, model, tokenizer, agent.policy, passages, conds, judge=judge, seed=seed,
+                       progress=progress, policy_adapter=adapter, pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()
     out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"{kind}-{t0:%Y%m%d-%H%M%S}"
     meta = {
         "data": str(data), "passages": len(passages), "seed": seed, "from_version": from_version,
         "policy": policy_label, "model": cfg.model.base, "started": t0.isoformat(timespec="seconds"),
         "title": f"seal-agent eval {kind}: {len(passages)} passages of {data.name}, {cfg.model.base}",
+        "executor": "local" if pool is None else "ray", "per_worker": run.per_worker,
     }
+    if pool is not None:
+        meta["cases"] = run.workers
     return Ladder(run, data, len(passages), judge is not None, write_outputs(run, out_dir, meta))

@@ -244,11 +244,11 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
     trained and scored (a pool of workers, each with its own copy of `model`'s
     weights); on `model` itself, one after another, when None."""
     sampler = model if sampler is None else sampler
-    executor = LocalExecutor(domain, model) if executor is None else executor
     cfg = settings.restem
     t_start = time.perf_counter()
     rnd = Round(contexts=[{"id": c.id, "title": c.title} for c in train_contexts],
                 heldout_contexts=[{"id": c.id, "title": c.title} for c in heldout_contexts])
+    executor = _Timed(LocalExecutor(domain, model) if executor is None else executor, rnd)
     train_ids = {c.id for c in train_contexts}
     if train_ids & {c.id for c in heldout_contexts}:  # select() never does this; a caller might
         raise ValueError("a held-out context is also a training context")
@@ -278,6 +278,20 @@ def refresh(domain: Domain, model, tokenizer, train_contexts: list[Any], heldout
         rnd.decision, rnd.reason = promotion(_mean(old), _mean(new), cfg.promote_margin)
     rnd.seconds = round(time.perf_counter() - t_start, 2)
     return rnd
+
+
+@dataclass
+class _Timed:
+    """An executor whose runs add up in the round's "candidates" stage: the wall
+    time of its jobs as the round sees it (dispatch and results included), apart
+    from this process's own sampling and scoring."""
+
+    executor: Executor
+    rnd: Round
+
+    def run(self, jobs: list[Job]) -> list[Outcome]:
+        with self.rnd.stage("candidates"):
+            return self.executor.run(jobs)
 
 
 def _scores_before(domain: Domain, model) -> Callable[[Any], float]:
