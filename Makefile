@@ -8,7 +8,7 @@ SEAL    = $(VENV)/bin/seal-agent
 DOC    ?= tests/data/normans.md
 QUESTION ?= Who led the Norse raiders who became the Normans?
 
-.PHONY: setup run demo test test-fast clean-state
+.PHONY: setup run demo test test-fast clean-state browser
 
 setup: $(VENV)/.installed
 
@@ -35,8 +35,15 @@ demo: setup
 	$(SEAL) ask "$(QUESTION)"
 	$(SEAL) history
 
-test: setup
+# The page's tests drive Debian's chromium (headless): installed once, as root
+# (sudo otherwise), from the distribution's packages.
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: setup browser
 	$(PY) -m pytest
 
-test-fast: setup
+test-fast: setup browser
 	SEAL_SKIP_SLOW=1 $(PY) -m pytest

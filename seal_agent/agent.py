@@ -245,13 +245,18 @@ class SealAgent:
                         "document": doc["path"] if doc else None})
         return out
 
-    def replay_check(self, sample: int | None = None, seed: int = 0) -> dict[str, Any]:
-        """Ask the live model the bank's active QAs (all, or a random sample);
-        accuracy per document. Results are cached for the live version."""
+    def replay_check(self, sample: int | None = None, seed: int = 0, document: int | None = None) -> dict[str, Any]:
+        """Ask the live model the bank's active QAs (all, a random sample, or one
+        `document`'s, each answer then listed); accuracy per document. Results are
+        recorded for the live version."""
         import random
 
         live = self.live
         qas = self.bank.active(self._lineage())
+        if document is not None:
+            if self.state.document(document) is None:
+                raise SealError(f"no document {document}")
+            qas = [q for q in qas if q.document_id == document]
         if sample is not None and sample < len(qas):
             qas = sorted(random.Random(seed).sample(qas, sample), key=lambda q: q.id)
         scored, _routes = self.knowledge.evaluate(self.decoder("generate"), live.tokenizer, live.version,
@@ -267,16 +272,26 @@ class SealAgent:
                               "title": doc["title"] if doc else None, "n": len(marks),
                               "accuracy": round(sum(marks) / len(marks), 4)})
         n = len(scored)
-        return {"version": live.version, "n": n,
-                "accuracy": round(sum(s.correct for s in scored) / n, 4) if n else None,
-                "documents": documents}
+        result = {"version": live.version, "n": n,
+                  "accuracy": round(sum(s.correct for s in scored) / n, 4) if n else None, "documents": documents}
+        if document is not None:
+            result["questions"] = [{"question": q.question, "answer": q.answer, "prediction": s.prediction,
+                                    "correct": s.correct} for q, s in zip(qas, scored)]
+        return result
 
     def run_task(self, name: str, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """Run one scheduled task now: `replay_check` (recorded as an event), `consolidate`,
         or `restem` (a policy refresh; `should_stop` lets it end its sampling early)."""
-        if name not in TASKS:
-            raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)})")
+        task, _, arg = name.partition(":")  # replay_check:<document id>: that document's QAs alone
+        if task not in TASKS or (arg and (task != "replay_check" or not arg.isdigit())):
+            raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)}, replay_check:<document id>)")
         self.own()
+        if arg:
+            result = self.replay_check(document=int(arg))
+            self.state.event("replay.check", f"version {result['version']}: document {arg}: replay accuracy "
+                             f"{result['accuracy']} on {result['n']} QAs", version=result["version"],
+                             document_id=int(arg), data={"accuracy": result["accuracy"], "n": result["n"]})
+            return result
         if name == "replay_check":
             result = self.replay_check(self.cfg.schedule.replay_check_sample or None)
             self.state.event("replay.check", f"version {result['version']}: replay accuracy "

@@ -305,10 +305,12 @@ def _print_matrix(result: dict[str, Any], gate: str) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as one JSON object.")
-@click.option("--part", type=click.Choice(["all", "core", "engines", "restem"]), default="all", show_default=True,
+@click.option("--part", type=click.Choice(["all", "core", "engines", "restem", "page"]), default="all",
+              show_default=True,
               help="core: the inner loop, generation, QA, search, ingest, modules, API latency; "
                    "engines: the torch engine and vLLM side by side (needs the vllm extra); "
-                   "restem: one small ReSTEM round locally and on Ray with 1 and 2 workers (the cluster extra).")
+                   "restem: one small ReSTEM round locally and on Ray with 1 and 2 workers (the cluster extra); "
+                   "page: the daemon's page with 1,000 documents in the database.")
 @global_options
 @click.pass_context
 @handle_errors
@@ -322,6 +324,7 @@ def bench(ctx: click.Context, as_json: bool, part: str) -> None:
     """
     from ..evaluation import cluster as cluster_bench
     from ..evaluation import engines as engines_bench
+    from ..evaluation import page as page_bench
     from ..evaluation.bench import run_bench, summary
 
     agent = agent_of(ctx)
@@ -335,6 +338,8 @@ def bench(ctx: click.Context, as_json: bool, part: str) -> None:
         result.update(engines_bench.engines(agent.cfg, log=log))
     if part in ("all", "restem"):
         result.update(cluster_bench.restem_executors(agent.cfg, log=log))
+    if part in ("all", "page"):
+        result["page"] = page_bench.page_speed(agent.cfg, log=log)
     if as_json:
         emit_json(result)
         return
@@ -344,3 +349,5 @@ def bench(ctx: click.Context, as_json: bool, part: str) -> None:
         out.print(engines_bench.summary(result), highlight=False)
     if part in ("all", "restem"):
         out.print(cluster_bench.summary(result), highlight=False)
+    if part in ("all", "page"):
+        out.print(page_bench.summary(result["page"]), highlight=False)

@@ -53,7 +53,7 @@ from .inbox import (
     upload_problem,
 )
 from .queue import ACTIVE, Copies, Job, JobQueue
-from .schedules import schedule_rows, schedules, start_scheduler
+from .schedules import schedule_row, schedule_rows, schedules, start_scheduler
 from .serving import Served
 
 log = logging.getLogger("seal_agent.daemon")
@@ -112,6 +112,7 @@ class Daemon:
         self._worker: threading.Thread | None = None
         self._intake = threading.Lock()
         self.current_job: int | None = None
+        self.progress: dict[str, Any] = {}  # the current job's last stage (the learner's progress events)
 
     # -- start / stop --------------------------------------------------------
     def start(self) -> None:
@@ -347,6 +348,7 @@ class Daemon:
         if job is None:
             return False
         self.current_job = job.id
+        self.progress = {"job": job.id, "stage": "starting" if job.kind == "document" else job.name}
         try:
             self._run_job(job)
         except Exception as e:  # any failure of one job: retried, then failed
@@ -358,6 +360,25 @@ class Daemon:
         finally:
             self.current_job = None
         return True
+
+    def _progress_of(self, job: Job):
+        """The learner's progress events kept as the current job's stage (the page shows it)."""
+        passages: dict[str, int] = {}
+
+        def progress(stage: str, info: dict[str, Any]) -> None:
+            if stage == "document":
+                passages["total"] = info.get("passages", 0)
+            if "index" in info:
+                passages["index"] = info["index"]
+            now = {"job": job.id, "stage": stage, "passages": passages.get("total")}
+            if "index" in passages:
+                now["passage"] = passages["index"] + 1
+            if stage == "step":
+                now.update(step=info.get("step"), steps=info.get("total"))
+                now["stage"] = "train"
+            self.progress = now
+
+        return progress
 
     def _run_job(self, job: Job) -> None:
         if job.kind == "task":
@@ -386,7 +407,7 @@ class Daemon:
             return
         log.info("job %d: learning %s", job.id, shown(job.name))
         try:
-            report = self.agent.learn(copy_path, recorded_as=job.path)
+            report = self.agent.learn(copy_path, recorded_as=job.path, progress=self._progress_of(job))
         except DocumentError as e:  # every failure to parse the content is one (documents.py)
             moved = self._settle(job, REJECTED, str(e))
             self.queue.finish(job.id, "rejected", error=shown(e), result={"moved_to": moved})
@@ -433,7 +454,32 @@ class Daemon:
         return self.queue.get(job_id)
 
     def status(self) -> dict[str, Any]:
-        return status(self.agent, self.queue, self.cfg, pid=os.getpid(), current_job=self.current_job)
+        return {**status(self.agent, self.queue, self.cfg, pid=os.getpid(), current_job=self.current_job),
+                "progress": self.progress if self.current_job is not None else None}
+
+    @property
+    def database(self) -> Path:
+        return self.cfg.state_path("database")
+
+    def set_paused(self, name: str, paused: bool) -> dict[str, Any]:
+        """A schedule paused or resumed in the running scheduler (which keeps it in its store)."""
+        if self.scheduler is None:
+            raise SealError("the daemon's scheduler is not running")
+        known = [j.id for j in self.scheduler.get_jobs()]
+        if name not in known:
+            raise SealError(f"no schedule '{name}' (known: {', '.join(known) or 'none: see [schedule]'})")
+        job = self.scheduler.pause_job(name) if paused else self.scheduler.resume_job(name)
+        log.info("schedule %s %s", name, "paused" if paused else "resumed")
+        return schedule_row(job)
+
+    def check(self, document_id: int) -> Job:
+        """A replay check of one document's QAs, queued behind the jobs before it."""
+        if self.agent.state.document(document_id) is None:
+            raise SealError(f"no document {document_id}")
+        job_id = self.queue.enqueue("task", f"replay_check:{document_id}", "api")
+        self._wake.set()
+        log.info("job %d: replay check of document %d queued", job_id, document_id)
+        return self.queue.get(job_id)
 
 
 def memory_status(agent: SealAgent, live: int | None) -> dict[str, Any]:

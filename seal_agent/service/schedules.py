@@ -118,7 +118,7 @@ def start_scheduler(state_dir: Path, database: Path, triggers: dict[str, Any]):
     return scheduler
 
 
-def _row(job) -> dict[str, Any]:
+def schedule_row(job) -> dict[str, Any]:
     next_run = getattr(job, "next_run_time", None)
     return {"name": job.id, "trigger": str(job.trigger), "paused": next_run is None,
             "next_run": next_run.isoformat(timespec="seconds") if next_run else None}
@@ -130,7 +130,7 @@ def schedule_rows(state_dir: Path) -> list[dict[str, Any]]:
         return []
     store = job_store(state_dir, open_=True)
     try:
-        return [_row(job) for job in store.get_all_jobs()]
+        return [schedule_row(job) for job in store.get_all_jobs()]
     finally:
         store.shutdown()
 
@@ -145,6 +145,6 @@ def set_paused(state_dir: Path, name: str, paused: bool) -> dict[str, Any]:
         job = store.lookup_job(name)
         job._modify(next_run_time=None if paused else job.trigger.get_next_fire_time(None, datetime.now(UTC)))
         store.update_job(job)
-        return _row(job)
+        return schedule_row(job)
     finally:
         store.shutdown()

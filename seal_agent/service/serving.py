@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -228,6 +229,17 @@ class ServingBackend(Protocol):
         """What `seal-agent status --json` prints."""
         ...
 
+    @property
+    def database(self) -> Path | None: ...  # the state database the page reads (None: nothing learned here)
+
+    def set_paused(self, name: str, paused: bool) -> dict[str, Any]:
+        """A schedule paused or resumed: its row (name, trigger, paused, next_run)."""
+        ...
+
+    def check(self, document_id: int) -> Job:
+        """A replay check of one document's QAs, queued for the learner."""
+        ...
+
 
 class ServingOnly:
     """A backend that serves a model and learns nothing (the benchmark's API
@@ -245,3 +257,11 @@ class ServingOnly:
 
     def status(self) -> dict[str, Any]:
         raise NotServed("this server only serves a model: it has no learning status (`seal-agent run` does)")
+
+    database = None
+
+    def set_paused(self, name: str, paused: bool) -> dict[str, Any]:
+        raise NotServed("this server only serves a model: it runs no schedules (`seal-agent run` does)")
+
+    def check(self, document_id: int) -> Job:
+        raise NotServed("this server only serves a model: it has no documents (`seal-agent run` does)")

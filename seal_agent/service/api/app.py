@@ -5,8 +5,12 @@
     POST /v1/chat/completions     messages -> answer (stream: server-sent events)
     POST /v1/completions          prompt -> completion (stream too)
     POST /v1/documents            {"filename", "content" | "content_base64"} -> a learning job
+    POST /v1/documents/{id}/check a replay check of one document's QAs -> a job
     GET  /v1/jobs/{id}            a job's state and result
     GET  /v1/status               what `seal-agent status --json` prints
+    GET  /v1/schedules            the schedules, their next runs, paused or not
+    POST /v1/schedules/{name}     {"paused": true | false} -> the schedule
+    GET  /, /documents/{id}, /memory, /login: the page (page/routes.py)
 
 The app is built over a `ServingBackend` (serving.py), never the daemon; each
 route only translates HTTP to a call of the backend or of `Completions`.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,8 +35,9 @@ from ...config import ApiConfig
 from ...errors import SealError
 from ..serving import NotServed, ServingBackend, Unservable
 from .completions import Completions
-from .guard import Guard, body_too_large, error_response
-from .protocol import ApiError, ChatRequest, CompletionRequest, DocumentRequest, invalid
+from .guard import Guard, body_too_large, csrf_token, error_response
+from .page.routes import add_page
+from .protocol import ApiError, ChatRequest, CompletionRequest, DocumentRequest, PauseRequest, invalid
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +81,11 @@ def _answer_errors(app: FastAPI, cfg: ApiConfig) -> None:
 
 def build_app(backend: ServingBackend) -> FastAPI:
     cfg = backend.api
+    # the page's anti-forgery token: from the API token (the same across restarts), else this server's own secret
+    csrf = csrf_token(cfg.token.encode("utf-8") if cfg.token else secrets.token_bytes(32))
     app = FastAPI(title="seal-agent", docs_url=None, redoc_url=None, openapi_url=None,
-                  middleware=[Middleware(Guard, token=cfg.token, max_request_bytes=cfg.max_request_bytes)])
+                  middleware=[Middleware(Guard, token=cfg.token, max_request_bytes=cfg.max_request_bytes,
+                                         csrf=csrf)])
     _answer_errors(app, cfg)
     served = backend.served
     completions = Completions(served, cfg)
@@ -119,8 +128,24 @@ def build_app(backend: ServingBackend) -> FastAPI:
             raise ApiError(404, f"no job {job_id}", code="not_found")
         return {"object": "job", **j.as_dict()}
 
+    @app.post("/v1/documents/{doc_id}/check", status_code=202)
+    def check(doc_id: int) -> dict[str, Any]:
+        if not 0 < doc_id < 2**63:
+            raise ApiError(404, f"no document {doc_id}", code="not_found")
+        j = backend.check(doc_id)
+        return {"id": j.id, "object": "job", "state": j.state, "name": j.name, "error": j.error}
+
     @app.get("/v1/status")
     def status() -> dict[str, Any]:
         return backend.status()
 
+    @app.get("/v1/schedules")
+    def schedules() -> dict[str, Any]:
+        return {"object": "list", "data": backend.status()["schedules"]}
+
+    @app.post("/v1/schedules/{name}")
+    def pause(name: str, req: PauseRequest) -> dict[str, Any]:
+        return {"object": "schedule", **backend.set_paused(name, req.paused)}
+
+    add_page(app, backend, csrf)
     return app

@@ -15,7 +15,7 @@ import json
 import reprlib
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 MAX_CHOICES = 8  # the largest n: that many completions are written as one batch
 
@@ -128,8 +128,15 @@ class DocumentRequest(BaseModel):
             raise ApiError(400, "content_base64 is not valid base64", param="content_base64") from None
 
 
+class PauseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    paused: StrictBool
+
+
 # Field names, to tell them from the union members pydantic also puts in an error's location.
-_FIELDS = {name for m in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions, DocumentRequest)
+_FIELDS = {name for m in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions, DocumentRequest,
+                                   PauseRequest)
            for name in m.model_fields} | {"job_id"}
 
 
