@@ -21,6 +21,7 @@ never stops the worker; a document that keeps failing ends in rejected/.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import logging.handlers
 import os
@@ -141,6 +142,7 @@ class Daemon:
             self._worker = threading.Thread(target=self._work, name="learner", daemon=True)
             self._worker.start()
             self.scheduler = start_scheduler(self.state_dir, self.cfg.state_path("database"), self.schedules)
+            _freeze_heap()
             log.info("daemon started: pid %d, live version %d, inbox %s", os.getpid(), live.version,
                      shown(self.inbox_dir))
         except BaseException:
@@ -435,6 +437,8 @@ class Daemon:
                 same_weights = state.weights_lineage(live.version)[-1] == state.weights_lineage(served_version)[-1]
                 # a new module changes the routing table only: the served weights stay
                 self.served.swap(model if same_weights else self._serving_weights(), live.version)
+                if not same_weights:
+                    _freeze_heap()  # the old weights, frozen at the last freeze, can go now
         except Exception:  # the job is learned whatever happens here
             log.exception("the API could not switch to version %d; it serves the previous one", live.version)
 
@@ -480,6 +484,16 @@ class Daemon:
         self._wake.set()
         log.info("job %d: replay check of document %d queued", job_id, document_id)
         return self.queue.get(job_id)
+
+
+def _freeze_heap() -> None:
+    """What the daemon holds for good (models, tokenizers, the embedder) left out of
+    Python's full garbage collections: walking it paused every request, the page's
+    and the API's, for a large part of a second, every few dozen requests. Unfrozen
+    and collected first, so weights replaced since the last freeze are freed."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def memory_status(agent: SealAgent, live: int | None) -> dict[str, Any]:
