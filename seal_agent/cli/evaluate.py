@@ -318,7 +318,7 @@ def bench(ctx: click.Context, as_json: bool, part: str) -> None:
     """Measure speed side by side: inner loop vs references, generation, QA, replay search, ingest, API latency,
     and the two decoding engines.
 
-    core takes 7-10 minutes on 2 cores, engines about as long, restem a few.
+    core takes 7-10 minutes on 2 cores, engines about as long, restem about 15, page one.
     Ratios (speedup, fraction of peak, vLLM over torch, Ray over local) are
     measured in the same run, so they hold on a noisy machine.
     """
