@@ -282,11 +282,11 @@ class SealAgent:
     def run_task(self, name: str, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """Run one scheduled task now: `replay_check` (recorded as an event), `consolidate`,
         or `restem` (a policy refresh; `should_stop` lets it end its sampling early)."""
-        task, _, arg = name.partition(":")  # replay_check:<document id>: that document's QAs alone
-        if task not in TASKS or (arg and (task != "replay_check" or not arg.isdigit())):
+        task, one, arg = name.partition(":")  # replay_check:<document id>: that document's QAs alone
+        if task not in TASKS or (one and (task != "replay_check" or not arg.isdigit())):
             raise SealError(f"unknown task '{name}' (known: {', '.join(TASKS)}, replay_check:<document id>)")
         self.own()
-        if arg:
+        if one:
             result = self.replay_check(document=int(arg))
             self.state.event("replay.check", f"version {result['version']}: document {arg}: replay accuracy "
                              f"{result['accuracy']} on {result['n']} QAs", version=result["version"],

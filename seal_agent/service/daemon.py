@@ -361,6 +361,7 @@ class Daemon:
                 self._give_up(job, error, f"failed {job.attempts} times, the last: {error}")
         finally:
             self.current_job = None
+            _freeze_heap()  # what the job left for good frozen too; what it dropped (old weights) freed
         return True
 
     def _progress_of(self, job: Job):
@@ -437,8 +438,6 @@ class Daemon:
                 same_weights = state.weights_lineage(live.version)[-1] == state.weights_lineage(served_version)[-1]
                 # a new module changes the routing table only: the served weights stay
                 self.served.swap(model if same_weights else self._serving_weights(), live.version)
-                if not same_weights:
-                    _freeze_heap()  # the old weights, frozen at the last freeze, can go now
         except Exception:  # the job is learned whatever happens here
             log.exception("the API could not switch to version %d; it serves the previous one", live.version)
 
@@ -489,8 +488,9 @@ class Daemon:
 def _freeze_heap() -> None:
     """What the daemon holds for good (models, tokenizers, the embedder) left out of
     Python's full garbage collections: walking it paused every request, the page's
-    and the API's, for a large part of a second, every few dozen requests. Unfrozen
-    and collected first, so weights replaced since the last freeze are freed."""
+    and the API's, for a large part of a second, every few dozen requests. At the
+    start and after every job; unfrozen and collected first, so that what a job
+    dropped (weights replaced, in a reference cycle or not) is freed."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
