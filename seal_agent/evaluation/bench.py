@@ -429,13 +429,12 @@ def summary(result: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def api_client(backend) -> Iterator:
+def served_api(backend) -> Iterator[str]:
     """The real API on a free port of 127.0.0.1 (uvicorn in a thread), serving
-    `backend`, and an openai client pointed at it; the server stops after the block."""
+    `backend`: its base URL; the server stops after the block."""
     import socket
     import threading
 
-    import openai
     import uvicorn
 
     from ..service.api.app import build_app
@@ -449,10 +448,19 @@ def api_client(backend) -> Iterator:
     while not server.started:
         time.sleep(0.05)
     try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def api_client(backend) -> Iterator:
+    """`served_api`, and an openai client pointed at it."""
+    import openai
+
+    with served_api(backend) as base:
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="x")
 
 
 def routing_speed(n_modules: int = 1000, keys_per_module: int = 6, dim: int = 384, queries: int = 200,

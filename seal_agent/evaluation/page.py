@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import socket
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,10 +67,9 @@ def _fill(database: Path, n: int) -> None:
 def page_speed(cfg: Config, n_documents: int = 1000, requests: int = 50,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     import httpx
-    import uvicorn
 
-    from ..service.api.app import build_app
     from ..service.daemon import Daemon
+    from .bench import served_api
 
     out: dict[str, Any] = {"documents": n_documents, "requests": requests}
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,17 +81,8 @@ def page_speed(cfg: Config, n_documents: int = 1000, requests: int = 50,
         out["fill_seconds"] = round(time.perf_counter() - t0, 1)
         daemon = Daemon(scratch, inbox=Path(tmp) / "inbox")
         daemon.start()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(build_app(daemon), host="127.0.0.1", port=port, log_level="error"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
         try:
-            while not server.started:
-                time.sleep(0.05)
-            base = f"http://127.0.0.1:{port}"
-            with httpx.Client(base_url=base, timeout=60) as client:
+            with served_api(daemon) as base, httpx.Client(base_url=base, timeout=60) as client:
                 for name, path in (("index", "/"), ("document", "/documents/1"), ("memory", "/memory"),
                                    ("chart", "/page/charts/memory.svg")):
                     log(f"page: GET {path} x {requests} ...")
@@ -110,11 +98,8 @@ def page_speed(cfg: Config, n_documents: int = 1000, requests: int = 50,
                     out[name] = {"path": path, "median_ms": round(1000 * statistics.median(times), 1),
                                  "p95_ms": round(1000 * times[math.ceil(0.95 * len(times)) - 1], 1),  # nearest rank
                                  "max_ms": round(1000 * times[-1], 1), "bytes": len(first.content)}
-                rows = client.get("/").text.count('class="doc ')
-                out["rows_on_index"] = rows
+                out["rows_on_index"] = client.get("/").text.count('class="doc ')
         finally:
-            server.should_exit = True
-            thread.join(timeout=10)
             daemon.stop()
     return out
 
