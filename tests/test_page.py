@@ -181,6 +181,14 @@ def test_another_site_cannot_change_anything(daemon, browser, tmp_path):
     r = httpx.post(f"{d.url}/v1/schedules/replay_check", json={"paused": True},
                    headers={"Origin": d.url, "Sec-Fetch-Site": "same-origin"})
     assert r.status_code == 200 and r.json()["paused"] is True
+    # what does not exist, and what is not a pause, are refused, saying so
+    r = httpx.post(f"{d.url}/v1/schedules/nope", json={"paused": True})
+    assert r.status_code == 404 and "no schedule 'nope' (known: replay_check)" in r.json()["error"]["message"]
+    r = httpx.post(f"{d.url}/v1/documents/99/check")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no document 99"
+    r = httpx.post(f"{d.url}/v1/schedules/replay_check", json={"paused": "no"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "paused"
+    assert httpx.get(f"{d.url}/v1/schedules").json()["data"][0]["paused"] is True
 
 
 def own_address() -> str | None:

@@ -55,7 +55,7 @@ from .inbox import (
 )
 from .queue import ACTIVE, Copies, Job, JobQueue
 from .schedules import schedule_row, schedule_rows, schedules, start_scheduler
-from .serving import Served
+from .serving import NotFound, Served
 
 log = logging.getLogger("seal_agent.daemon")
 
@@ -470,7 +470,7 @@ class Daemon:
             raise SealError("the daemon's scheduler is not running")
         known = [j.id for j in self.scheduler.get_jobs()]
         if name not in known:
-            raise SealError(f"no schedule '{name}' (known: {', '.join(known) or 'none: see [schedule]'})")
+            raise NotFound(f"no schedule '{name}' (known: {', '.join(known) or 'none: see [schedule]'})")
         job = self.scheduler.pause_job(name) if paused else self.scheduler.resume_job(name)
         log.info("schedule %s %s", name, "paused" if paused else "resumed")
         return schedule_row(job)
@@ -478,7 +478,7 @@ class Daemon:
     def check(self, document_id: int) -> Job:
         """A replay check of one document's QAs, queued behind the jobs before it."""
         if self.agent.state.document(document_id) is None:
-            raise SealError(f"no document {document_id}")
+            raise NotFound(f"no document {document_id}")
         job_id = self.queue.enqueue("task", f"replay_check:{document_id}", "api")
         self._wake.set()
         log.info("job %d: replay check of document %d queued", job_id, document_id)

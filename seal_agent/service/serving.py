@@ -52,6 +52,10 @@ class Unservable(SealError):
         self.param = param
 
 
+class NotFound(SealError):
+    """What a request names that does not exist (a document, a schedule)."""
+
+
 class NotServed(SealError):
     """What this backend does not do (documents and jobs, behind a model served alone)."""
 

@@ -33,7 +33,7 @@ from starlette.middleware import Middleware
 
 from ...config import ApiConfig
 from ...errors import SealError
-from ..serving import NotServed, ServingBackend, Unservable
+from ..serving import NotFound, NotServed, ServingBackend, Unservable
 from .completions import Completions
 from .guard import Guard, body_too_large, csrf_token, error_response
 from .page.routes import add_page
@@ -52,6 +52,10 @@ def _answer_errors(app: FastAPI, cfg: ApiConfig) -> None:
     @app.exception_handler(Unservable)
     async def _unservable(_request: Request, e: Unservable) -> JSONResponse:
         return error_response(400, str(e), param=e.param)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_request: Request, e: NotFound) -> JSONResponse:
+        return error_response(404, str(e), code="not_found")
 
     @app.exception_handler(NotServed)
     async def _not_served(_request: Request, e: NotServed) -> JSONResponse:
