@@ -17,7 +17,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -194,3 +194,17 @@ class RayPool:
         for w in self.workers:
             with contextlib.suppress(Exception):  # a dead actor is already gone
                 ray.kill(w.actor)
+
+
+@contextlib.contextmanager
+def pool_if_asked(cfg: Config, base_dir, model, work: Callable[[Any, Any], Any]) -> Iterator[RayPool | None]:
+    """A pool doing `work` on replicas of `model` when cluster.executor = "ray",
+    closed after the block; None (the work is done here) otherwise."""
+    if cfg.cluster.executor != "ray":
+        yield None
+        return
+    pool = RayPool(cfg, base_dir, model, work)
+    try:
+        yield pool
+    finally:
+        pool.close()

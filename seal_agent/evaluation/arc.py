@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..arc.grids import GridError, Task, load_tasks
 from ..arc.recipe import parse
 from ..arc.writing import Written
+from ..cluster.pool import pool_if_asked
 from ..errors import SealError
 from ..progress import Progress, no_progress
 from .ladder import bar_chart, wilson_interval
@@ -137,17 +138,9 @@ def run_arc(agent: SealAgent, conditions: str, *, data: Path | None = None, solu
     t_start = datetime.now()
     progress("start", {"tasks": len(chosen), "conditions": runs})
     cases = [(c, t) for c in runs for t in chosen]
-    pool = None
-    if cfg.cluster.executor == "ray":  # the cluster of ReSTEM's rounds (docs/cluster.md)
-        from ..cluster.pool import RayPool
-
-        work = Cases({c: dataclasses.replace(s, model=None, writer=None) for c, s in solvers.items()})
-        pool = RayPool(cfg, agent.live.base_dir, agent.live.model, work)
-    try:
+    work = Cases({c: dataclasses.replace(s, model=None, writer=None) for c, s in solvers.items()})
+    with pool_if_asked(cfg, agent.live.base_dir, agent.live.model, work) as pool:  # the cluster of ReSTEM's rounds
         results, seconds, workers = _solve_cases(solvers, cases, chosen, seed, pool, progress)
-    finally:
-        if pool is not None:
-            pool.close()
     rows: list[dict[str, Any]] = []
     for c in runs:
         mine = [i for i, (cc, _) in enumerate(cases) if cc == c]

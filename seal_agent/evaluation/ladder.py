@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..cluster.pool import pool_if_asked
 from ..config import Config
 from ..documents import Passage, read_qa_passages
 from ..errors import SealError
@@ -413,17 +414,10 @@ def run_ladder(agent: SealAgent, kind: str, conditions: str, *, data: Path | Non
     progress("start", {"kind": kind, "passages": len(passages),
                        "total": len(passages) * len(conds) if kind == "squad" else len(conds)})
     t0 = datetime.now()
-    pool = None
-    if cfg.cluster.executor == "ray":  # the cluster of ReSTEM's rounds (docs/cluster.md)
-        from ..cluster.pool import RayPool
-
-        pool = RayPool(cfg, resolve_base(cfg), model, Answers(cfg, tokenizer, agent.policy))
-    try:
+    # the cluster of ReSTEM's rounds (docs/cluster.md), when cluster.executor = "ray"
+    with pool_if_asked(cfg, resolve_base(cfg), model, Answers(cfg, tokenizer, agent.policy)) as pool:
         run = run_eval(kind, cfg, model, tokenizer, agent.policy, passages, conds, judge=judge, seed=seed,
                        progress=progress, policy_adapter=adapter, pool=pool)
-    finally:
-        if pool is not None:
-            pool.close()
     out_dir = out_dir or cfg.state_dir / "state" / "eval" / f"{kind}-{t0:%Y%m%d-%H%M%S}"
     meta = {
         "data": str(data), "passages": len(passages), "seed": seed, "from_version": from_version,
